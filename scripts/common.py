@@ -1,0 +1,322 @@
+"""What every script needs: command-line overrides, checked NIfTI reading and atomic writing,
+intensity normalisation, synthetic noise, foreground masks and image-quality metrics."""
+import importlib.resources
+import json
+import os
+import sys
+import tempfile
+import zlib
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+BUNDLED_SCAN = str(importlib.resources.files("nibabel") / "tests" / "data" / "example4d.nii.gz")
+
+
+class InputError(Exception):
+    """A problem with the user's files or settings, reported as one line and a non-zero exit."""
+
+
+def run_main(main):
+    """Run a script's main(); an InputError becomes 'error: ...' on stderr and exit code 1."""
+    try:
+        main()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+# --- command-line overrides of a script's constants --------------------------------------------
+
+def _parse_value(name, text, current):
+    """Turn the text of --name=text into the type of the constant it overrides."""
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"--{name}={text}: expected true or false")
+    if current is None or isinstance(current, str):
+        return None if text.lower() == "none" and current is None else text
+    try:
+        if isinstance(current, dict):
+            parsed = json.loads(text)
+            if not isinstance(parsed, dict):
+                raise ValueError
+            return parsed
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, (list, tuple)):
+            parsed = json.loads(text) if text.startswith("[") else [p for p in text.split(",") if p]
+            return type(current)(parsed)
+    except ValueError:  # json.JSONDecodeError is a ValueError
+        raise InputError(f"--{name}={text}: expected a value of type {type(current).__name__}") from None
+    raise InputError(f"--{name}: cannot override a setting of type {type(current).__name__}")
+
+
+def apply_overrides(settings, argv=None, aliases=None):
+    """Override module constants in `settings` (a script's globals()) from --name=value arguments.
+
+    `aliases` maps short flags to constant names, e.g. {"model": "model_path"}. Flags without a value
+    set booleans to true (--report). Unknown names are an error, never silently ignored."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    aliases = aliases or {}
+    known = {k for k, v in settings.items()
+             if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str, list, tuple, dict, type(None)))}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise InputError(f"unexpected argument {arg!r}; settings look like --name=value")
+        name, has_value, text = arg[2:].partition("=")
+        name = aliases.get(name, name)
+        if name not in known:
+            raise InputError(f"unknown setting --{arg[2:].partition('=')[0]}; known settings: "
+                             + ", ".join(sorted(known | set(aliases))))
+        if not has_value:
+            next_is_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if isinstance(settings[name], bool) and not next_is_value:
+                text = "true"
+            elif next_is_value:
+                i += 1
+                text = argv[i]
+            else:
+                raise InputError(f"--{name} needs a value")
+        settings[name] = _parse_value(name, text, settings[name])
+        i += 1
+    return {k: settings[k] for k in sorted(known)}
+
+
+def pick_device():
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def check_file_exists(path, what="file"):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such {what}")
+
+
+def load_nifti(path):
+    """Load a 3D or 4D NIfTI and check it. Returns (image, data) with data float32 (X, Y, Z[, T])."""
+    path = str(path)
+    check_file_exists(path)
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises many types for a file that is not an image
+        raise InputError(f"{path} is not a NIfTI file ({type(error).__name__}: {error})".splitlines()[0]) from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path} is a {type(image).__name__}, not a NIfTI file")
+    shape = image.shape
+    if len(shape) == 5 and shape[4] == 1:
+        shape = shape[:4]
+    if len(shape) not in (3, 4):
+        raise InputError(f"{path} has {len(image.shape)} dimensions {tuple(image.shape)}; expected a 3D or 4D NIfTI")
+    if min(shape) == 0:
+        raise InputError(f"{path} is empty: shape {tuple(image.shape)}")
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+    except (EOFError, OSError, zlib.error, ValueError) as error:
+        raise InputError(f"{path} could not be read, the file may be truncated ({type(error).__name__}: {error})") from None
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{path} contains {int(np.size(data) - np.isfinite(data).sum())} NaN or Inf values")
+    if not np.any(data):
+        raise InputError(f"{path} is empty: every voxel is zero")
+    return image, data
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path) on a temporary file in the destination folder, then rename it into place,
+    so a crash never leaves a half-written output."""
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    # keep the extension(s) so libraries that look at the suffix (savefig, nibabel) do the right thing
+    suffix = base[base.index("."):] if "." in base else ""
+    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(handle)
+    try:
+        write(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    return path
+
+
+def save_json(data, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=float)
+            f.write("\n")
+    return atomic_write(path, write)
+
+
+def save_figure(figure, path, dpi=110):
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, bbox_inches="tight"))
+    plt.close(figure)
+    return path
+
+
+def package_versions():
+    import matplotlib
+    import skimage
+    import torch
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": np.__version__,
+            "nibabel": nib.__version__, "scikit-image": skimage.__version__, "matplotlib": matplotlib.__version__}
+
+
+# --- intensities -------------------------------------------------------------------------------
+
+def percentile_range(volume, low_percentile=1.0, high_percentile=99.0):
+    """Intensities at the given percentiles of the whole volume: the normalisation's 0 and 1."""
+    low, high = np.percentile(volume, [low_percentile, high_percentile])
+    if high <= low:  # a mostly constant image: fall back to the full range
+        low, high = float(volume.min()), float(volume.max())
+    if high <= low:
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def normalise(volume, low, high, clip=True):
+    scaled = (np.asarray(volume, dtype=np.float32) - low) / (high - low)
+    return np.clip(scaled, 0.0, 1.0) if clip else scaled
+
+
+def denormalise(scaled, low, high):
+    return np.asarray(scaled, dtype=np.float32) * (high - low) + low
+
+
+def add_noise(clean, sigma, noise_model, normal_draws):
+    """Noisy version of `clean` (numpy or torch) given standard normal draws of shape (2, *clean.shape).
+
+    gaussian: clean + sigma * n1.
+    rician:   |clean + sigma * (n1 + i n2)|, the magnitude of a complex signal with Gaussian noise in
+              each channel: the noise of real magnitude MRI (biased upwards where the signal is low)."""
+    if noise_model == "gaussian":
+        return clean + sigma * normal_draws[0]
+    if noise_model == "rician":
+        return ((clean + sigma * normal_draws[0]) ** 2 + (sigma * normal_draws[1]) ** 2) ** 0.5
+    raise InputError(f"noise_model={noise_model!r}; expected 'gaussian' or 'rician'")
+
+
+def foreground_mask(volume):
+    """Foreground (head) mask of a normalised 3D volume (X, Y, Z): Otsu threshold of the
+    lightly smoothed image, holes filled slice by slice, then dilated by one voxel."""
+    smoothed = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), sigma=(1, 1, 0))
+    if smoothed.max() <= smoothed.min():
+        return np.ones(volume.shape, dtype=bool)
+    mask = smoothed > threshold_otsu(smoothed)
+    for z in range(mask.shape[2]):
+        mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
+    return ndimage.binary_dilation(mask, iterations=1)
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+def image_metrics(clean, estimate, mask):
+    """PSNR (dB, data range 1) and SSIM of one 2D slice, inside the mask and over the whole image."""
+    clean = np.asarray(clean, dtype=np.float64)
+    estimate = np.asarray(estimate, dtype=np.float64)
+    _, ssim_map = structural_similarity(clean, estimate, data_range=1.0, full=True)
+    return {
+        "psnr_mask": float(peak_signal_noise_ratio(clean[mask], estimate[mask], data_range=1.0)),
+        "ssim_mask": float(ssim_map[mask].mean()),
+        "psnr_image": float(peak_signal_noise_ratio(clean, estimate, data_range=1.0)),
+        "ssim_image": float(structural_similarity(clean, estimate, data_range=1.0)),
+    }
+
+
+def summarise_metrics(per_slice):
+    """Mean and standard deviation over slices of each metric in a list of image_metrics dicts."""
+    return {key: {"mean": float(np.mean([m[key] for m in per_slice])),
+                  "std": float(np.std([m[key] for m in per_slice]))}
+            for key in per_slice[0]}
+
+
+def save_npz(path, arrays):
+    """np.savez with fixed zip timestamps, so the same arrays always give a byte-identical file."""
+    import zipfile
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    return atomic_write(path, write)
+
+
+# --- running a network and showing what it did -------------------------------------------------
+
+def load_checkpoint(path):
+    """Load a checkpoint of this repo (weights_only) and rebuild its network: (model, metadata)."""
+    import torch
+    from models import model_from_checkpoint
+    path = str(path)
+    check_file_exists(path, "checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InputError(f"{path} is not a readable PyTorch checkpoint, it may be truncated or "
+                         f"of another kind ({type(error).__name__})") from None
+    try:
+        model = model_from_checkpoint(checkpoint)
+    except (ValueError, KeyError, RuntimeError, TypeError) as error:
+        raise InputError(f"{path}: {str(error).splitlines()[0]}") from None
+    return model.eval(), checkpoint["metadata"]
+
+
+def denoise_slices(model, noisy_slices, noise_sigma, batch_size=64, device=None):
+    """Run the network over (n, H, W) slices in batches; returns (n, H, W) float32 on the [0, 1] scale.
+
+    noise_sigma is a number or an (n,) array; only networks with a noise map use it."""
+    import torch
+    device = device or next(model.parameters()).device
+    noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
+    sigmas = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float32), (len(noisy_slices),))
+    denoised = np.empty_like(noisy_slices)
+    with torch.inference_mode():
+        for start in range(0, len(noisy_slices), batch_size):
+            batch = torch.from_numpy(noisy_slices[start:start + batch_size, None]).to(device)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            sigma = torch.from_numpy(np.ascontiguousarray(sigmas[start:start + batch_size])).to(device)
+            denoised[start:start + batch_size] = model(batch, sigma)[:, 0].float().cpu().numpy()
+    return denoised
+
+
+def plot_denoising_grid(noisy, denoised, clean, masks, title):
+    """A figure with one row per slice: noisy | denoised | clean, with in-mask PSNR on each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n_rows = len(noisy)
+    figure, axes = plt.subplots(n_rows, 3, figsize=(8, 2.7 * n_rows), squeeze=False)
+    for row in range(n_rows):
+        panels = [("noisy", noisy[row]), ("denoised", denoised[row]), ("clean", clean[row])]
+        for column, (name, image) in enumerate(panels):
+            axis = axes[row, column]
+            axis.imshow(np.asarray(image).T, cmap="gray", vmin=0, vmax=1, origin="lower")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column < 2:
+                psnr_db = peak_signal_noise_ratio(clean[row][masks[row]], image[masks[row]], data_range=1.0)
+                axis.set_title(f"{name}: {psnr_db:.2f} dB in mask", fontsize=9)
+            else:
+                axis.set_title(name, fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,235 @@
+"""Use a trained denoiser.
+
+Evaluate it on the test split of data/mri_denoising.npz (figures and metrics in denoising_examples/):
+    python scripts/use_trained_autoencoder.py [--model=trained_models/....pt]
+Denoise your own 3D or 4D NIfTI, slice by slice, back into its own intensity units:
+    python scripts/use_trained_autoencoder.py --input scan.nii.gz --output scan_denoised.nii.gz [--report]"""
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+import torch
+from skimage.restoration import estimate_sigma
+from tqdm import tqdm
+
+from common import (InputError, apply_overrides, atomic_write, check_file_exists, denoise_slices, foreground_mask,
+                    image_metrics, load_checkpoint, load_nifti, normalise, percentile_range, plot_denoising_grid,
+                    run_main, save_figure, save_json, summarise_metrics)
+
+# --- settings: edit here, or override on the command line: --model=trained_models/other.pt
+model_path = "trained_models/autoencoder_seed_100epochs_672images.pt"
+dataset_path = "data/mri_denoising.npz"   # evaluation mode: its test split
+examples_dir = "denoising_examples"
+input_path = ""          # a 3D or 4D NIfTI to denoise (--input); empty = evaluation mode
+output_path = ""         # where the denoised NIfTI goes (--output)
+axis = 2                 # the slicing axis of the input: slices are taken across it (0, 1 or 2)
+dtype = "float32"        # "float32", or "input" for the input's own data type
+noise_sigma = 0.0        # noise sigma of the input on the [0, 1] scale; 0 = estimate it from the image
+overwrite = False        # allow replacing an existing output file (never the input)
+report = False           # also write OUTPUT_report.png: before / after / removed noise, and tSNR for 4D
+batch_size = 64          # slices per forward pass
+# ---
+
+
+# --- evaluation on the test split -------------------------------------------------------------
+
+def load_test_split(path):
+    check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
+    with np.load(path, allow_pickle=False) as archive:
+        test = archive["split"] == "test"
+        return {k: archive[k][test] for k in ("clean", "noisy", "mask")}, float(
+            __import__("json").loads(str(archive["settings_json"]))["noise_sigma"])
+
+
+def evaluate_on_test_split(model, metadata):
+    test, dataset_sigma = load_test_split(dataset_path)
+    started = time.perf_counter()
+    denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size)
+    seconds_per_slice = (time.perf_counter() - started) / len(denoised)
+    noisy_metrics = [image_metrics(c, n, m) for c, n, m in zip(test["clean"], test["noisy"], test["mask"])]
+    denoised_metrics = [image_metrics(c, d, m) for c, d, m in zip(test["clean"], denoised, test["mask"])]
+    results = {"model": model_path, "dataset": dataset_path, "n_test_slices": len(denoised),
+               "noise_sigma": dataset_sigma, "seconds_per_slice": seconds_per_slice,
+               "noisy": summarise_metrics(noisy_metrics), "denoised": summarise_metrics(denoised_metrics)}
+    name = os.path.splitext(os.path.basename(model_path))[0]
+    paths = [save_json(results, os.path.join(examples_dir, f"metrics_{name}.json"))]
+    for n_rows, n_columns in ((2, 3), (5, 3)):
+        rows = np.linspace(0, len(denoised) - 1, n_rows).astype(int)
+        figure = plot_denoising_grid(test["noisy"][rows], denoised[rows], test["clean"][rows], test["mask"][rows],
+                                     f"{name}: test slices")
+        paths.append(save_figure(figure, os.path.join(examples_dir, f"denoising_{n_rows}x{n_columns}_{name}_test.png")))
+    for kind in ("noisy", "denoised"):
+        m = results[kind]
+        print(f"{kind:>9}: PSNR {m['psnr_mask']['mean']:.2f} +- {m['psnr_mask']['std']:.2f} dB, "
+              f"SSIM {m['ssim_mask']['mean']:.3f} in the mask; PSNR {m['psnr_image']['mean']:.2f} dB whole image")
+    for path in paths:
+        print(f"written to {path}")
+
+
+# --- denoising a NIfTI file ---------------------------------------------------------------------
+
+def check_paths():
+    if not output_path:
+        raise InputError("--input needs --output, the file to write the denoised image to")
+    if not output_path.endswith((".nii", ".nii.gz")):
+        raise InputError(f"{output_path}: the output name must end in .nii or .nii.gz")
+    check_file_exists(input_path)
+    if os.path.abspath(output_path) == os.path.abspath(input_path) or (
+            os.path.exists(output_path) and os.path.samefile(output_path, input_path)):
+        raise InputError(f"{output_path} is the input file; it is never overwritten")
+    if os.path.exists(output_path) and not overwrite:
+        raise InputError(f"{output_path} exists; choose another name or pass --overwrite")
+    if axis not in (0, 1, 2):
+        raise InputError(f"axis={axis}; expected 0, 1 or 2")
+    if dtype not in ("float32", "input"):
+        raise InputError(f"dtype={dtype!r}; expected 'float32' or 'input'")
+    if noise_sigma < 0:
+        raise InputError(f"noise_sigma={noise_sigma}; expected 0 (estimate) or above")
+
+
+def robust_range(data, low_percentile, high_percentile, max_samples=2_000_000):
+    """Normalisation range of a large array from an even subsample, to bound time and memory."""
+    step = max(1, data.size // max_samples)
+    return percentile_range(data.reshape(-1)[::step], low_percentile, high_percentile)
+
+
+def slices_view(data):
+    """(A, B, n_slices, n_volumes) view of a 3D or 4D array, slicing across `axis`."""
+    volumes = data[..., None] if data.ndim == 3 else data
+    return np.moveaxis(volumes, axis, 2)
+
+
+def estimate_noise_sigma(view, low, high, n_samples=24):
+    """Median over a spread of slices of scikit-image's wavelet estimate, on the [0, 1] scale."""
+    n_slices, n_volumes = view.shape[2:]
+    picks = np.linspace(0, n_slices * n_volumes - 1, min(n_samples, n_slices * n_volumes)).astype(int)
+    estimates = [estimate_sigma(normalise(view[:, :, k % n_slices, k // n_slices], low, high, clip=False))
+                 for k in picks]
+    return float(np.median(estimates))
+
+
+def trained_sigma_range(metadata):
+    low, high = metadata["noise_sigma_range"]
+    return 0.5 * low, 1.5 * high  # a single-sigma model copes with somewhat lower or higher noise
+
+
+def denoise_volume_slices(model, view, out_view, low, high, sigma):
+    """Denoise every slice of `view` into `out_view`, batch_size slices at a time."""
+    n_slices, n_volumes = view.shape[2:]
+    total = n_slices * n_volumes
+    with tqdm(total=total, desc="denoising", unit="slice") as progress:
+        for start in range(0, total, batch_size):
+            ks = range(start, min(start + batch_size, total))
+            batch = np.stack([view[:, :, k % n_slices, k // n_slices] for k in ks])
+            denoised = denoise_slices(model, normalise(batch, low, high, clip=False), sigma, batch_size)
+            for k, image in zip(ks, denoised):
+                out_view[:, :, k % n_slices, k // n_slices] = image * (high - low) + low
+            progress.update(len(ks))
+
+
+def output_image(image, denoised, model_name):
+    """A NIfTI of the input's class with the input's affine and header, holding `denoised`."""
+    header = image.header.copy()
+    if dtype == "input":
+        out_dtype = image.get_data_dtype()
+        if np.issubdtype(out_dtype, np.integer):
+            info = np.iinfo(out_dtype)
+            denoised = np.clip(np.rint(denoised), info.min, info.max)
+        denoised = denoised.astype(out_dtype)
+    header.set_data_dtype(denoised.dtype)
+    if dtype != "input":
+        header.set_slope_inter(1.0, 0.0)  # the float32 values are the intensities themselves
+    header["descrip"] = f"denoised by mri-denoise {model_name}"[:79].encode()
+    return type(image)(denoised.reshape(image.shape), image.affine, header)
+
+
+def tsnr_map(series):
+    """Temporal SNR per voxel of a 4D series: mean over time / standard deviation over time."""
+    mean = series.mean(axis=3)
+    std = series.std(axis=3)
+    return np.where(std > 0, mean / np.maximum(std, 1e-12), 0.0)
+
+
+def plot_report(data, denoised, low, high, sigma):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    view, out_view = slices_view(data), slices_view(denoised)
+    n_slices = view.shape[2]
+    picks = np.linspace(n_slices * 0.25, n_slices * 0.75, 3).astype(int)
+    is_4d = data.ndim == 4
+    n_rows = len(picks) + is_4d
+    figure, axes = plt.subplots(n_rows, 3, figsize=(10, 3.2 * n_rows), squeeze=False)
+    for row, z in enumerate(picks):
+        before, after = view[:, :, z, 0], out_view[:, :, z, 0]
+        removed = before - after
+        limit = 3 * sigma * (high - low)
+        for column, (image, title, kwargs) in enumerate([
+                (before, f"input, slice {z}", dict(cmap="gray", vmin=low, vmax=high)),
+                (after, "denoised", dict(cmap="gray", vmin=low, vmax=high)),
+                (removed, "removed (input - denoised)", dict(cmap="RdBu_r", vmin=-limit, vmax=limit))]):
+            axes[row, column].imshow(image.T, origin="lower", **kwargs)
+            axes[row, column].set_title(title, fontsize=9)
+    if is_4d:
+        head = foreground_mask(normalise(data.mean(axis=3), low, high))
+        tsnr_before, tsnr_after = tsnr_map(data), tsnr_map(denoised)
+        z = picks[1]
+        vmax = np.percentile(tsnr_after[head], 99)
+        for column, (tsnr, name) in enumerate([(tsnr_before, "before"), (tsnr_after, "after")]):
+            shown = np.moveaxis(tsnr, axis, 2)[:, :, z]
+            axes[-1, column].imshow(shown.T, origin="lower", cmap="inferno", vmin=0, vmax=vmax)
+            axes[-1, column].set_title(f"tSNR {name}: median {np.median(tsnr[head]):.1f} in the head", fontsize=9)
+        axes[-1, 2].hist([tsnr_before[head], tsnr_after[head]], bins=60, label=["before", "after"], alpha=0.7)
+        axes[-1, 2].set_title("tSNR in the head mask", fontsize=9)
+        axes[-1, 2].legend()
+    for axis_ in axes.flat:
+        if axis_.images:
+            axis_.set_xticks([])
+            axis_.set_yticks([])
+    figure.suptitle(f"{os.path.basename(input_path)}: estimated noise sigma {sigma:.3f} on the [0, 1] scale")
+    figure.tight_layout()
+    return figure
+
+
+def denoise_nifti(model, metadata):
+    check_paths()
+    image, data = load_nifti(input_path)
+    data = data.reshape(data.shape[:4])
+    norm = metadata["normalisation"]
+    low, high = robust_range(data, norm["low_percentile"], norm["high_percentile"])
+    view = slices_view(data)
+    estimated = estimate_noise_sigma(view, low, high)
+    sigma = noise_sigma or estimated
+    print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
+          f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale"
+          + (f", using {sigma:.4f} as given" if noise_sigma else ""))
+    sigma_low, sigma_high = trained_sigma_range(metadata)
+    if not sigma_low <= sigma <= sigma_high:
+        print(f"warning: noise sigma {sigma:.4f} lies outside what {os.path.basename(model_path)} was trained for "
+              f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
+              "expect under- or over-smoothing")
+    denoised = np.empty_like(data)
+    denoise_volume_slices(model, view, slices_view(denoised), low, high, sigma)
+    model_name = os.path.basename(model_path)
+    result = output_image(image, denoised, model_name)
+    atomic_write(output_path, lambda tmp: nib.save(result, tmp))
+    print(f"denoised image written to {output_path}")
+    if report:
+        report_path = output_path.removesuffix(".gz").removesuffix(".nii") + "_report.png"
+        save_figure(plot_report(data, denoised, low, high, sigma), report_path)
+        print(f"report written to {report_path}")
+
+
+def main():
+    apply_overrides(globals(), aliases={"model": "model_path", "input": "input_path", "output": "output_path"})
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, metadata = load_checkpoint(model_path)
+    if input_path:
+        denoise_nifti(model, metadata)
+    else:
+        evaluate_on_test_split(model, metadata)
+
+
+if __name__ == "__main__":
+    run_main(main)
