@@ -31,6 +31,19 @@ def run_main(main):
 
 # --- command-line overrides of a script's constants --------------------------------------------
 
+def _parse_list_item(text, current):
+    """One item of --name=a,b,c: of the type of the list's current items, or a number if it reads as one
+    when the list is empty (--slice_range=10,14 must give numbers, --input_paths=a,b strings)."""
+    if current:
+        return type(current[0])(text)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _parse_value(name, text, current):
     """Turn the text of --name=text into the type of the constant it overrides."""
     if isinstance(current, bool):
@@ -52,7 +65,7 @@ def _parse_value(name, text, current):
         if isinstance(current, float):
             return float(text)
         if isinstance(current, (list, tuple)):
-            parsed = json.loads(text) if text.startswith("[") else [p for p in text.split(",") if p]
+            parsed = json.loads(text) if text.startswith("[") else [_parse_list_item(p, current) for p in text.split(",") if p]
             return type(current)(parsed)
     except ValueError:  # json.JSONDecodeError is a ValueError
         raise InputError(f"--{name}={text}: expected a value of type {type(current).__name__}") from None
@@ -260,6 +273,41 @@ def save_npz(path, arrays):
     return atomic_write(path, write)
 
 
+def load_npz(path, mapped=()):
+    """The arrays of an .npz file; those named in `mapped` are memory-mapped rather than read, so
+    their pages come from disk only when used (a dataset larger than memory still trains, and the
+    torchrun processes on one machine share one copy). save_npz stores arrays uncompressed, which is
+    what makes this possible; a compressed member is read into memory instead."""
+    import zipfile
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if name in mapped and info.compress_type == zipfile.ZIP_STORED:
+                arrays[name] = _map_stored_npy(path, raw, info.header_offset)
+            if arrays.get(name) is None:
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    return arrays
+
+
+def _map_stored_npy(path, raw, header_offset):
+    """np.memmap of an uncompressed .npy member of a zip file, or None for an empty array."""
+    import struct
+    raw.seek(header_offset)  # the member's bytes, a plain .npy file, follow its local zip header
+    name_length, extra_length = struct.unpack("<HH", raw.read(30)[26:30])
+    raw.seek(header_offset + 30 + name_length + extra_length)
+    if np.lib.format.read_magic(raw) == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(raw)
+    else:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(raw)
+    if dtype.hasobject:
+        raise ValueError(f"{path}: an array of Python objects cannot be memory-mapped")
+    if 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=raw.tell(), order="F" if fortran_order else "C")
+
+
 # --- running a network and showing what it did -------------------------------------------------
 
 def load_checkpoint(path):
@@ -320,3 +368,10 @@ def plot_denoising_grid(noisy, denoised, clean, masks, title):
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure
+
+
+def estimate_noise_sigma(slices):
+    """Noise sigma of a set of 2D slices (any scale): the median over slices of scikit-image's
+    wavelet (MAD) estimate, which anatomy biases less than the spread of the background does."""
+    from skimage.restoration import estimate_sigma
+    return float(np.median([estimate_sigma(np.asarray(s, dtype=np.float64)) for s in slices]))

@@ -1,0 +1,247 @@
+"""Benchmark the trained networks against classical denoisers on slices never used for training or tuning.
+
+For every noise sigma, each clean test slice gets fresh synthetic noise (seeded); the Gaussian filter's
+width and non-local means' strength are tuned on validation slices; BM3D is given the true sigma;
+networks with a noise-level input get the sigma estimated from the noisy slices, as users get it.
+Writes a JSON and a markdown table (also into README.md between the benchmark markers), a comparison
+figure in denoising_examples/ and plots/psnr_vs_sigma_*.png."""
+import json
+import os
+import time
+
+import bm3d
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.restoration import denoise_nl_means
+
+from common import (InputError, add_noise, apply_overrides, check_file_exists, denoise_slices,
+                    estimate_noise_sigma, image_metrics, load_checkpoint, run_main, save_figure, save_json,
+                    summarise_metrics, atomic_write)
+
+# --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
+dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
+model_paths = ["trained_models/autoencoder_seed_100epochs_672images.pt"]
+noise_model = ""                            # "gaussian" or "rician"; "" = the dataset's
+sigmas = [0.02, 0.04, 0.06, 0.09, 0.12]    # noise levels of the sweep, on the [0, 1] scale
+main_sigma = 0.06                           # the level of the main table and figure
+n_realisations = 3                          # noise draws per clean test slice
+n_tuning_slices = 6                         # validation slices used to tune Gaussian and NLM
+gaussian_widths = [0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5]   # candidate sigmas of the Gaussian filter, in pixels
+nlm_strengths = [0.6, 0.8, 1.0, 1.2]        # candidate h / sigma of non-local means
+seed = 1234
+results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
+update_readme = True                        # write the main table into README.md between the markers
+# ---
+
+
+def unique_clean_slices(path, split):
+    """Distinct clean slices (n, H, W) and masks of one split (the .npz repeats them once per noise draw)."""
+    check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
+    with np.load(path, allow_pickle=False) as archive:
+        keys = np.stack([archive["scan_index"], archive["slice_index"], archive["time_index"]], axis=1)
+        chosen = archive["split"] == split
+        _, first = np.unique(keys[chosen], axis=0, return_index=True)
+        indices = np.flatnonzero(chosen)[np.sort(first)]
+        settings = json.loads(str(archive["settings_json"]))
+        return archive["clean"][indices], archive["mask"][indices], settings
+
+
+def noisy_versions(clean, sigma, model, rng, n_draws):
+    """n_draws noisy copies of each clean slice: (n * n_draws, H, W), with the matching clean slices."""
+    repeated = np.repeat(clean, n_draws, axis=0)
+    draws = rng.standard_normal((2, *repeated.shape), dtype=np.float32)
+    return add_noise(repeated, sigma, model, draws).astype(np.float32), repeated
+
+
+def gaussian_filter_slices(noisy, width):
+    return np.stack([ndimage.gaussian_filter(s, width) for s in noisy])
+
+
+def nlm_slices(noisy, sigma, strength):
+    return np.stack([denoise_nl_means(s, h=strength * sigma, sigma=sigma, patch_size=5, patch_distance=6,
+                                      fast_mode=True) for s in noisy]).astype(np.float32)
+
+
+def bm3d_slices(noisy, sigma):
+    return np.stack([bm3d.bm3d(s, sigma_psd=sigma) for s in noisy]).astype(np.float32)
+
+
+def mean_psnr_in_mask(clean, estimate, masks):
+    return float(np.mean([image_metrics(c, e, m)["psnr_mask"] for c, e, m in zip(clean, estimate, masks)]))
+
+
+def tune(method, candidates, val_noisy, val_clean, val_masks):
+    """The candidate parameter with the best in-mask PSNR on the validation slices."""
+    scores = [mean_psnr_in_mask(val_clean, method(val_noisy, c), val_masks) for c in candidates]
+    return candidates[int(np.argmax(scores))]
+
+
+def run_timed(method, noisy):
+    method(noisy[:2])  # warm up: the first call of a network pays for memory allocation
+    started = time.perf_counter()
+    denoised = method(noisy)
+    return denoised, (time.perf_counter() - started) / len(noisy)
+
+
+def network_method(model, metadata):
+    """A function noisy -> denoised for one network; noise-map networks get the estimated sigma."""
+    def denoise(noisy):
+        sigma = estimate_noise_sigma(noisy) if metadata["noise_map"] else 0.0
+        return denoise_slices(model, noisy, sigma)
+    return denoise
+
+
+def benchmark_one_sigma(sigma, model_noise, networks, test, val, rng):
+    """Metrics and seconds per slice of every method at one noise level; also the denoised slices."""
+    test_noisy, test_clean = noisy_versions(test["clean"], sigma, model_noise, rng, n_realisations)
+    test_masks = np.repeat(test["mask"], n_realisations, axis=0)
+    val_noisy, val_clean = noisy_versions(val["clean"], sigma, model_noise, rng, 1)
+    width = tune(gaussian_filter_slices, gaussian_widths, val_noisy, val_clean, val["mask"])
+    strength = tune(lambda n, k: nlm_slices(n, sigma, k), nlm_strengths, val_noisy, val_clean, val["mask"])
+    methods = {"noisy input": lambda n: n,
+               f"Gaussian filter (width {width})": lambda n: gaussian_filter_slices(n, width),
+               f"non-local means (h = {strength} sigma)": lambda n: nlm_slices(n, sigma, strength),
+               "BM3D (true sigma)": lambda n: bm3d_slices(n, sigma)}
+    methods.update({name: network_method(model, metadata) for name, (model, metadata) in networks.items()})
+    rows, outputs = {}, {}
+    for name, method in methods.items():
+        denoised, seconds = run_timed(method, test_noisy)
+        per_slice = [image_metrics(c, d, m) for c, d, m in zip(test_clean, denoised, test_masks)]
+        rows[name] = {**summarise_metrics(per_slice), "seconds_per_slice": seconds}
+        outputs[name] = denoised
+    return rows, outputs, (test_noisy, test_clean, test_masks)
+
+
+def markdown_table(rows, sigma, model_noise, n_slices):
+    bm3d_row = rows["BM3D (true sigma)"]
+    lines = [f"{model_noise.capitalize()} noise, sigma {sigma}, {n_slices} test slices "
+             "(mean +- std over slices; PSNR with data range 1):", "",
+             "| method | PSNR in mask (dB) | SSIM in mask | PSNR whole image (dB) | SSIM whole image | ms per slice | speed vs BM3D |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in rows.items():
+        speed = bm3d_row["seconds_per_slice"] / row["seconds_per_slice"] if name != "noisy input" else float("nan")
+        lines.append(f"| {name} | {row['psnr_mask']['mean']:.2f} +- {row['psnr_mask']['std']:.2f} | "
+                     f"{row['ssim_mask']['mean']:.3f} +- {row['ssim_mask']['std']:.3f} | "
+                     f"{row['psnr_image']['mean']:.2f} | {row['ssim_image']['mean']:.3f} | "
+                     f"{1000 * row['seconds_per_slice']:.1f} | "
+                     + ("-" if name == "noisy input" else f"{speed:.0f}x") + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(sweep):
+    names = list(next(iter(sweep.values())))
+    lines = ["| method | " + " | ".join(f"sigma {s}" for s in sweep) + " |",
+             "| --- |" + " --- |" * len(sweep)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{sweep[s][name]['psnr_mask']['mean']:.2f}" for s in sweep) + " |")
+    return "In-mask PSNR (dB) over noise levels:\n\n" + "\n".join(lines)
+
+
+def plot_psnr_vs_sigma(sweep, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    levels = list(sweep)
+    for name in next(iter(sweep.values())):
+        axis.plot(levels, [sweep[s][name]["psnr_mask"]["mean"] for s in levels], marker="o", label=name)
+    axis.set_xlabel("noise sigma ([0, 1] scale)")
+    axis.set_ylabel("PSNR in the head mask (dB)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def plot_comparison(outputs, noisy_clean_masks, rows, title):
+    """One test slice through every method: whole slice, a zoomed detail, and the error map."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    _, clean, masks = noisy_clean_masks
+    index = int(np.argmax([m.sum() for m in masks]))
+    panels = [(name, outputs[name][index]) for name in outputs] + [("clean", clean[index])]
+    height, width = clean[index].shape
+    top, left, size = height // 3, width // 3, max(8, min(height, width) // 3)
+    figure, axes = plt.subplots(3, len(panels), figsize=(2.2 * len(panels), 7), squeeze=False)
+    for column, (name, image) in enumerate(panels):
+        psnr = f"\n{rows[name]['psnr_mask']['mean']:.2f} dB" if name in rows else ""
+        axes[0, column].imshow(image.T, cmap="gray", vmin=0, vmax=1, origin="lower")
+        axes[0, column].add_patch(plt.Rectangle((top, left), size, size, fill=False, color="yellow"))
+        axes[0, column].set_title(name.split(" (")[0] + psnr, fontsize=8)
+        axes[1, column].imshow(image[top:top + size, left:left + size].T, cmap="gray", vmin=0, vmax=1, origin="lower")
+        axes[2, column].imshow(np.abs(image - clean[index]).T, cmap="magma", vmin=0, vmax=0.15, origin="lower")
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    axes[1, 0].set_ylabel("zoomed detail")
+    axes[2, 0].set_ylabel("|error|")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def write_into_readme(markdown, marker):
+    """Replace the text between <!-- marker:start --> and <!-- marker:end --> in README.md."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    if not os.path.exists("README.md"):
+        return
+    text = open("README.md").read()
+    if start not in text or end not in text:
+        print(f"README.md has no {start} ... {end} markers; table not written there")
+        return
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    atomic_write("README.md", lambda tmp: open(tmp, "w").write(f"{before}{start}\n{markdown}\n{end}{after}"))
+
+
+def load_networks():
+    networks = {}
+    for path in model_paths:
+        model, metadata = load_checkpoint(path)
+        name = os.path.splitext(os.path.basename(path))[0].removeprefix("autoencoder_")
+        networks[f"{name} ({metadata['n_parameters']:,} parameters)"] = (model, metadata)
+    return networks
+
+
+def main():
+    apply_overrides(globals())
+    torch.set_num_threads(os.cpu_count() or 1)
+    test_clean, test_masks, dataset_settings = unique_clean_slices(dataset_path, "test")
+    val_clean, val_masks, _ = unique_clean_slices(dataset_path, "val")
+    pick = np.linspace(0, len(val_clean) - 1, min(n_tuning_slices, len(val_clean))).astype(int)
+    test = {"clean": test_clean, "mask": test_masks}
+    val = {"clean": val_clean[pick], "mask": val_masks[pick]}
+    model_noise = noise_model or dataset_settings["noise_model"]
+    if main_sigma not in sigmas:
+        raise InputError(f"main_sigma={main_sigma} is not one of sigmas={sigmas}")
+    networks = load_networks()
+    rng = np.random.default_rng(seed)
+    sweep, main_outputs = {}, None
+    for sigma in sigmas:
+        rows, outputs, data = benchmark_one_sigma(sigma, model_noise, networks, test, val, rng)
+        sweep[sigma] = rows
+        print(f"\n{markdown_table(rows, sigma, model_noise, len(data[0]))}")
+        if sigma == main_sigma:
+            main_outputs = (rows, outputs, data)
+    tag = f"{results_name}_{model_noise}"
+    rows, outputs, data = main_outputs
+    results = {"dataset": dataset_path, "noise_model": model_noise, "n_test_slices": len(data[0]),
+               "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()},
+               "models": model_paths, "torch_threads": torch.get_num_threads()}
+    paths = [save_json(results, f"denoising_examples/benchmark{tag}.json"),
+             save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, test slices"), f"plots/psnr_vs_sigma{tag}.png"),
+             save_figure(plot_comparison(outputs, data, rows, f"{model_noise} noise, sigma {main_sigma}, a test slice"),
+                         f"denoising_examples/comparison{tag}.png", dpi=90)]
+    markdown = markdown_table(rows, main_sigma, model_noise, len(data[0])) + "\n\n" + sweep_table(sweep)
+    if update_readme:
+        write_into_readme(markdown, f"benchmark{tag}")
+    print(f"\n{sweep_table(sweep)}")
+    for path in paths:
+        print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    run_main(main)
