@@ -375,3 +375,92 @@ def estimate_noise_sigma(slices):
     wavelet (MAD) estimate, which anatomy biases less than the spread of the background does."""
     from skimage.restoration import estimate_sigma
     return float(np.median([estimate_sigma(np.asarray(s, dtype=np.float64)) for s in slices]))
+
+
+# --- self-supervised training: Neighbor2Neighbor ---------------------------------------------------
+
+# ordered pairs of adjacent pixels in a 2x2 cell; pixel k of a cell is channel k of pixel_unshuffle(x, 2)
+NEIGHBOUR_PAIRS = ((0, 1), (1, 0), (0, 2), (2, 0), (1, 3), (3, 1), (2, 3), (3, 2))
+
+
+def neighbour_subsample(images, choice):
+    """Two half-resolution images made of different, adjacent pixels of each 2x2 cell of `images`
+    (N, 1, H, W): Neighbor2Neighbor's random neighbour sub-sampler. choice (N, 1, H/2, W/2) holds an
+    index into NEIGHBOUR_PAIRS per cell."""
+    import torch
+    import torch.nn.functional as F
+    height, width = images.shape[-2] // 2 * 2, images.shape[-1] // 2 * 2
+    cells = F.pixel_unshuffle(images[..., :height, :width], 2)  # (N, 4, H/2, W/2)
+    pairs = torch.tensor(NEIGHBOUR_PAIRS, device=images.device)
+    return cells.gather(1, pairs[choice, 0]), cells.gather(1, pairs[choice, 1])
+
+
+def neighbor2neighbor_loss(model, noisy, noise_sigma, generator, gamma=1.0):
+    """Self-supervised loss of Huang et al., "Neighbor2Neighbor: Self-Supervised Denoising from Single
+    Noisy Images" (CVPR 2021): denoise one sub-image and match the other, whose noise is independent,
+    plus their regulariser against the full-resolution output. The input never holds a target pixel."""
+    import torch
+    n, _, height, width = noisy.shape
+    choice = torch.randint(len(NEIGHBOUR_PAIRS), (n, 1, height // 2, width // 2), generator=generator)
+    choice = choice.to(noisy.device)
+    first, second = neighbour_subsample(noisy, choice)
+    denoised_first = model(first, noise_sigma)
+    with torch.no_grad():
+        full_first, full_second = neighbour_subsample(model(noisy, noise_sigma), choice)
+    reconstruction = torch.mean((denoised_first - second) ** 2)
+    regulariser = torch.mean((denoised_first - second - (full_first - full_second)) ** 2)
+    return reconstruction + gamma * regulariser
+
+
+def heldout_self_supervised_loss(model, noisy_slices, noise_sigma, seed=0):
+    """Neighbor2Neighbor's reconstruction loss on slices the adaptation never trains on, with a fixed
+    sub-sampling: its expectation is the denoising error plus a constant (the target's own noise)."""
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.from_numpy(np.asarray(noisy_slices, dtype=np.float32)[:, None])
+    choice = torch.randint(len(NEIGHBOUR_PAIRS), (len(images), 1, images.shape[-2] // 2, images.shape[-1] // 2),
+                           generator=generator)
+    first, second = neighbour_subsample(images, choice)
+    with torch.inference_mode():
+        return float(torch.mean((model(first, noise_sigma) - second) ** 2))
+
+
+def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, learning_rate=1e-4,
+                    batch_size=8, patch_size=64, seed=0):
+    """Fine-tune a copy of `model` on a scan's own noisy slices (n, H, W), [0, 1] scale, with the
+    Neighbor2Neighbor loss, for n_steps or max_seconds. Every fifth slice is held out: the adapted copy
+    is kept only if it lowers the held-out self-supervised loss, so adapting never makes things worse
+    by that measure. Returns (model to use, a dict describing what happened)."""
+    import copy
+    import time
+
+    import torch
+    noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
+    heldout = np.arange(len(noisy_slices)) % 5 == 4
+    if not heldout.any() or heldout.all():
+        heldout = np.zeros(len(noisy_slices), dtype=bool)
+        heldout[-1] = True
+    train_slices = noisy_slices[~heldout] if (~heldout).any() else noisy_slices
+    before = heldout_self_supervised_loss(model, noisy_slices[heldout], noise_sigma)
+    adapted = copy.deepcopy(model).train()
+    optimiser = torch.optim.Adam(adapted.parameters(), lr=learning_rate)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    sigma = torch.full((batch_size,), float(noise_sigma))
+    started, steps = time.perf_counter(), 0
+    while steps < n_steps and time.perf_counter() - started < max_seconds:
+        picks = rng.integers(len(train_slices), size=batch_size)
+        size_h, size_w = min(patch_size, train_slices.shape[1]), min(patch_size, train_slices.shape[2])
+        tops = rng.integers(0, train_slices.shape[1] - size_h + 1, size=batch_size)
+        lefts = rng.integers(0, train_slices.shape[2] - size_w + 1, size=batch_size)
+        batch = np.stack([train_slices[p, t:t + size_h, l:l + size_w] for p, t, l in zip(picks, tops, lefts)])
+        loss = neighbor2neighbor_loss(adapted, torch.from_numpy(batch[:, None]), sigma, generator)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        steps += 1
+    adapted.eval()
+    after = heldout_self_supervised_loss(adapted, noisy_slices[heldout], noise_sigma)
+    info = {"steps": steps, "seconds": time.perf_counter() - started, "heldout_loss_before": before,
+            "heldout_loss_after": after, "kept": after < before}
+    return (adapted if after < before else model), info
