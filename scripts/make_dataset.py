@@ -1,7 +1,9 @@
-"""Turn NIfTI scans into clean/noisy slice pairs in data/mri_denoising.npz, split by slice position."""
+"""Turn NIfTI scans into clean/noisy slice pairs in data/mri_denoising.npz, split by slice position
+(by scan when there are 3 or more). Only one scan is in memory at a time."""
 import glob
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -60,14 +62,21 @@ def select_slices(head_mask, path):
     return positions
 
 
-def split_groups(groups, rng):
+def split_sizes(n_groups, what):
+    """(n_val, n_test) groups for n_groups slice positions or scans; an error if train, val or test would be empty."""
+    n_test = max(1, round(test_fraction * n_groups))
+    n_val = max(1, round(val_fraction * n_groups))
+    if n_test + n_val >= n_groups:
+        raise InputError(f"{n_groups} {what} cannot be split into non-empty train, val and test sets "
+                         f"(val_fraction={val_fraction}, test_fraction={test_fraction}); give more "
+                         + ("scans" if what == "scans" else "slices (slice_range, min_foreground_fraction) or 3 or more scans"))
+    return n_val, n_test
+
+
+def split_groups(groups, rng, what):
     """Assign each group (a slice position, or a whole scan) to 'train', 'val' or 'test'."""
     groups = list(groups)
-    n_test = max(1, round(test_fraction * len(groups)))
-    n_val = max(1, round(val_fraction * len(groups)))
-    if len(groups) < 3 or n_test + n_val >= len(groups):
-        raise InputError(f"{len(groups)} slice positions or scans cannot be split into non-empty "
-                         f"train, val and test sets (val_fraction={val_fraction}, test_fraction={test_fraction})")
+    n_val, n_test = split_sizes(len(groups), what)
     order = rng.permutation(len(groups))
     split = {}
     for rank, index in enumerate(order):
@@ -88,6 +97,16 @@ def check_settings():
         raise InputError(f"slice_range={slice_range}; expected two numbers: first,last")
     if target_n_images < 1:
         raise InputError(f"target_n_images={target_n_images}; expected 1 or more")
+    if noise_model not in ("gaussian", "rician"):
+        raise InputError(f"noise_model={noise_model!r}; expected 'gaussian' or 'rician'")
+
+
+def check_split_before_loading(paths):
+    """Fail before reading any voxel when the number of scans, or of slices in slice_range, is already too few."""
+    if len(paths) >= 3:
+        split_sizes(len(paths), "scans")
+    elif slice_range:
+        split_sizes(len(paths) * (slice_range[1] - slice_range[0]), "slice positions")
 
 
 def pad_to_shape(slices, shape):
@@ -96,47 +115,59 @@ def pad_to_shape(slices, shape):
     return np.pad(slices, pad)
 
 
-def build_dataset(paths):
-    rng = np.random.default_rng(seed)
-    scans = []
-    for scan_index, path in enumerate(paths):
-        volumes, (low, high) = load_scan(path)
-        head_mask = foreground_mask(volumes.mean(axis=3))
-        positions = select_slices(head_mask, path)
-        scans.append({"path": path, "volumes": volumes, "mask": head_mask, "positions": positions,
-                      "low": low, "high": high, "index": scan_index})
-    if len(scans) >= 3:  # no scan in two splits
-        scan_split = split_groups(range(len(scans)), rng)
-        split_of = lambda scan, z: scan_split[scan["index"]]
-    else:  # no slice position in two splits
-        position_split = split_groups([(s["index"], z) for s in scans for z in s["positions"]], rng)
-        split_of = lambda scan, z: position_split[(scan["index"], z)]
+def describe_scan(path, scan_index):
+    """What the split and the layout of the output need from one scan. Its voxels are not kept, so
+    that only one scan is in memory at a time; write_dataset reads it again."""
+    volumes, (low, high) = load_scan(path)
+    head_mask = foreground_mask(volumes.mean(axis=3))
+    return {"path": path, "index": scan_index, "mask": head_mask, "positions": select_slices(head_mask, path),
+            "n_time": volumes.shape[3], "low": low, "high": high}
 
-    n_clean = sum(len(s["positions"]) * s["volumes"].shape[3] for s in scans)
-    n_realisations = max(1, round(target_n_images / n_clean))
-    shape = tuple(max(s["volumes"].shape[i] for s in scans) for i in (0, 1))
-    columns = {k: [] for k in ("clean", "mask", "scan_index", "slice_index", "time_index", "split")}
-    for scan in scans:
-        for z in scan["positions"]:
-            n_time = scan["volumes"].shape[3]
-            clean = np.moveaxis(scan["volumes"][:, :, z, :], 2, 0)  # (T, X, Y)
-            columns["clean"].append(pad_to_shape(np.repeat(clean, n_realisations, axis=0), shape))
-            mask = np.broadcast_to(scan["mask"][:, :, z], (n_time * n_realisations, *scan["mask"].shape[:2]))
-            columns["mask"].append(pad_to_shape(mask, shape))
-            columns["time_index"].append(np.repeat(np.arange(n_time), n_realisations))
-            columns["scan_index"].append(np.full(n_time * n_realisations, scan["index"]))
-            columns["slice_index"].append(np.full(n_time * n_realisations, z))
-            columns["split"].append(np.full(n_time * n_realisations, split_of(scan, z)))
-    arrays = {k: np.concatenate(v) for k, v in columns.items()}
-    arrays["clean"] = arrays["clean"].astype(np.float32)
-    arrays["mask"] = arrays["mask"].astype(bool)
-    arrays["split"] = arrays["split"].astype("<U5")
-    normal_draws = rng.standard_normal((2, *arrays["clean"].shape), dtype=np.float32)
-    arrays["noisy"] = add_noise(arrays["clean"], noise_sigma, noise_model, normal_draws).astype(np.float32)
-    arrays["scan_paths"] = np.array([s["path"] for s in scans])
-    arrays["norm_low"] = np.array([s["low"] for s in scans], dtype=np.float64)
-    arrays["norm_high"] = np.array([s["high"] for s in scans], dtype=np.float64)
-    return arrays, n_realisations
+
+def assign_splits(scans):
+    """{(scan index, slice position): 'train', 'val' or 'test'}: whole scans go to one split when there
+    are 3 or more, otherwise slice positions do, so no scan or position is in two splits."""
+    rng = np.random.default_rng(seed)
+    if len(scans) >= 3:
+        scan_split = split_groups([s["index"] for s in scans], rng, "scans")
+        return {(s["index"], z): scan_split[s["index"]] for s in scans for z in s["positions"]}
+    return split_groups([(s["index"], z) for s in scans for z in s["positions"]], rng, "slice positions")
+
+
+def write_dataset(path, scans, split_of, n_realisations, extra_arrays):
+    """Cut the kept slices of every scan into clean/noisy pairs and save them, with extra_arrays, to path.
+
+    The image arrays are filled in memory-mapped files next to the output, one scan at a time, then
+    streamed into the .npz: the dataset need not fit in memory. The noise of each slice position comes
+    from its own stream, default_rng([seed, scan index, slice position]), drawn at the scan's own size
+    before zero-padding to the largest scan's, so it does not depend on the other scans.
+    Returns the per-image columns (scan_index, slice_index, time_index, split) and the shape (X, Y)."""
+    shape = tuple(max(s["mask"].shape[i] for s in scans) for i in (0, 1))
+    n_images = n_realisations * sum(len(s["positions"]) * s["n_time"] for s in scans)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=folder) as scratch:
+        images = {name: np.lib.format.open_memmap(os.path.join(scratch, f"{name}.npy"), "w+", dtype, (n_images, *shape))
+                  for name, dtype in (("clean", np.float32), ("noisy", np.float32), ("mask", bool))}  # (n_images, X, Y)
+        columns = {k: [] for k in ("scan_index", "slice_index", "time_index", "split")}
+        start = 0
+        for scan in scans:
+            volumes, _ = load_scan(scan["path"])
+            for z in scan["positions"]:
+                clean = np.repeat(np.moveaxis(volumes[:, :, z, :], 2, 0), n_realisations, axis=0)  # (T * R, x, y)
+                draws = np.random.default_rng([seed, scan["index"], z]).standard_normal((2, *clean.shape), dtype=np.float32)
+                rows = slice(start, start + len(clean))
+                images["clean"][rows] = pad_to_shape(clean, shape)
+                images["noisy"][rows] = pad_to_shape(add_noise(clean, noise_sigma, noise_model, draws), shape)
+                images["mask"][rows] = pad_to_shape(scan["mask"][None, :, :, z], shape)
+                columns["scan_index"].append(np.full(len(clean), scan["index"]))
+                columns["slice_index"].append(np.full(len(clean), z))
+                columns["time_index"].append(np.repeat(np.arange(scan["n_time"]), n_realisations))
+                columns["split"].append(np.full(len(clean), split_of[(scan["index"], z)], dtype="<U5"))
+                start += len(clean)
+        columns = {k: np.concatenate(v) for k, v in columns.items()}
+        save_npz(path, {**images, **columns, **extra_arrays})
+    return columns, shape
 
 
 def main():
@@ -145,16 +176,24 @@ def main():
     paths = expand_paths(input_paths)
     if any(os.path.abspath(output_path) == os.path.abspath(p) for p in paths):
         raise InputError(f"{output_path}: the output would overwrite an input")
-    arrays, n_realisations = build_dataset(paths)
+    check_split_before_loading(paths)
+    scans = [describe_scan(path, scan_index) for scan_index, path in enumerate(paths)]
+    split_of = assign_splits(scans)
+    n_clean = sum(len(s["positions"]) * s["n_time"] for s in scans)
+    n_realisations = max(1, round(target_n_images / n_clean))
     settings.update(input_paths=paths, n_noise_realisations=n_realisations, versions=package_versions())
-    arrays["settings_json"] = np.array(json.dumps(settings, sort_keys=True))
-    save_npz(output_path, arrays)
-    counts = {name: int((arrays["split"] == name).sum()) for name in ("train", "val", "test")}
-    positions = {name: sorted(set(arrays["slice_index"][arrays["split"] == name].tolist())) for name in counts}
-    print(f"{len(arrays['clean'])} image pairs of {arrays['clean'].shape[1]}x{arrays['clean'].shape[2]} "
-          f"from {len(paths)} scan(s), {n_realisations} noise realisation(s) per clean slice")
-    for name in counts:
-        print(f"  {name}: {counts[name]} images, slice positions {positions[name]}")
+    extra_arrays = {"scan_paths": np.array(paths),
+                    "norm_low": np.array([s["low"] for s in scans], dtype=np.float64),
+                    "norm_high": np.array([s["high"] for s in scans], dtype=np.float64),
+                    "settings_json": np.array(json.dumps(settings, sort_keys=True))}
+    columns, shape = write_dataset(output_path, scans, split_of, n_realisations, extra_arrays)
+    print(f"{len(columns['split'])} image pairs of {shape[0]}x{shape[1]} from {len(paths)} scan(s), "
+          f"{n_realisations} noise realisation(s) per clean slice")
+    for name in ("train", "val", "test"):
+        chosen = columns["split"] == name
+        groups = (f"scans {sorted(set(columns['scan_index'][chosen].tolist()))}" if len(paths) >= 3 else
+                  f"slice positions {sorted(set(columns['slice_index'][chosen].tolist()))}")
+        print(f"  {name}: {int(chosen.sum())} images, {groups}")
     print(f"dataset written to {output_path}")
 
 
