@@ -153,7 +153,7 @@ def count_parameters(model):
 
 def model_from_checkpoint(checkpoint):
     """Rebuild the network a checkpoint (a dict from torch.load(..., weights_only=True)) describes."""
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "metadata" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or not isinstance(checkpoint.get("metadata"), dict):
         raise ValueError("not a checkpoint of this repo (no state_dict and metadata)")
     metadata = checkpoint["metadata"]
     if metadata.get("format_version") != CHECKPOINT_FORMAT:

@@ -131,13 +131,16 @@ def denoise_volume_slices(model, view, out_view, low, high, sigma):
 def output_image(image, denoised, model_name):
     """A NIfTI of the input's class with the input's affine and header, holding `denoised`."""
     header = image.header.copy()
+    out_dtype = denoised.dtype
     if dtype == "input":
         out_dtype = image.get_data_dtype()
-        if np.issubdtype(out_dtype, np.integer):
+        # integers stored with a scale factor (scl_slope, scl_inter) are not whole intensity units: keep the
+        # float values and let nibabel choose a new scale factor when it writes them
+        scaled = (getattr(image.dataobj, "slope", 1.0), getattr(image.dataobj, "inter", 0.0)) != (1.0, 0.0)
+        if np.issubdtype(out_dtype, np.integer) and not scaled:
             info = np.iinfo(out_dtype)
-            denoised = np.clip(np.rint(denoised), info.min, info.max)
-        denoised = denoised.astype(out_dtype)
-    header.set_data_dtype(denoised.dtype)
+            denoised = np.clip(np.rint(denoised), info.min, info.max).astype(out_dtype)
+    header.set_data_dtype(out_dtype)
     if dtype != "input":
         header.set_slope_inter(1.0, 0.0)  # the float32 values are the intensities themselves
     header["descrip"] = f"denoised by mri-denoise {model_name}"[:79].encode()
@@ -223,7 +226,8 @@ def denoise_nifti(model, metadata):
 
 def main():
     apply_overrides(globals(), aliases={"model": "model_path", "input": "input_path", "output": "output_path"})
-    torch.set_num_threads(os.cpu_count() or 1)
+    if "OMP_NUM_THREADS" not in os.environ:  # a limit the user set wins
+        torch.set_num_threads(os.cpu_count() or 1)
     model, metadata = load_checkpoint(model_path)
     if input_path:
         denoise_nifti(model, metadata)

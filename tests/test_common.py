@@ -1,0 +1,68 @@
+"""common.apply_overrides: --name=value arguments become settings of the right type."""
+import pytest
+
+from common import InputError, apply_overrides
+
+
+def script_settings():
+    """A stand-in for a script's globals(): its settings and some things that are not settings."""
+    return {"n_epochs": 10, "learning_rate": 1e-3, "augment": False, "slice_range": [], "input_paths": ["a.nii"],
+            "noise_sigma_range": [0.01, 0.1], "arch_args": {}, "arch": "seed", "model_path": "m.pt",
+            "BUNDLED_SCAN": "x.nii.gz", "_private": 1, "__doc__": "a script"}
+
+
+def test_each_type_is_parsed_from_text():
+    settings = script_settings()
+    apply_overrides(settings, ["--n_epochs=3", "--learning_rate=2e-4", "--augment=false", "--slice_range=10,14",
+                               "--input_paths=b.nii.gz,c.nii", "--noise_sigma_range=0.02,0.2",
+                               "--arch_args={\"width\": 32}", "--arch=unet"])
+    assert settings["n_epochs"] == 3 and type(settings["n_epochs"]) is int
+    assert settings["learning_rate"] == 2e-4 and type(settings["learning_rate"]) is float
+    assert settings["augment"] is False
+    assert settings["slice_range"] == [10, 14] and all(type(v) is int for v in settings["slice_range"])
+    assert settings["input_paths"] == ["b.nii.gz", "c.nii"]
+    assert settings["noise_sigma_range"] == [0.02, 0.2]
+    assert settings["arch_args"] == {"width": 32}
+    assert settings["arch"] == "unet"
+
+
+def test_json_lists_bare_flags_and_separate_values():
+    settings = script_settings()
+    apply_overrides(settings, ["--slice_range=[3, 7]", "--augment", "--n_epochs", "5"])
+    assert settings["slice_range"] == [3, 7]
+    assert settings["augment"] is True
+    assert settings["n_epochs"] == 5
+
+
+def test_returns_the_settings_only():
+    settings = script_settings()
+    returned = apply_overrides(settings, ["--n_epochs=2"])
+    assert returned["n_epochs"] == 2
+    assert "BUNDLED_SCAN" not in returned and "_private" not in returned and "__doc__" not in returned
+
+
+def test_aliases_set_the_named_setting():
+    settings = script_settings()
+    apply_overrides(settings, ["--model=other.pt", "--input", "scan.nii"],
+                    aliases={"model": "model_path", "input": "input_paths"})
+    assert settings["model_path"] == "other.pt"
+    assert settings["input_paths"] == ["scan.nii"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_epoch=3"], "unknown setting --n_epoch"),
+    (["--BUNDLED_SCAN=y"], "unknown setting --BUNDLED_SCAN"),
+    (["--n_epochs=abc"], "--n_epochs=abc: expected a value of type int"),
+    (["--n_epochs=2.5"], "expected a value of type int"),
+    (["--learning_rate=fast"], "expected a value of type float"),
+    (["--augment=maybe"], "expected true or false"),
+    (["--arch_args=[1]"], "expected a value of type dict"),
+    (["--noise_sigma_range=0.1,big"], "expected a value of type list"),
+    (["--n_epochs"], "--n_epochs needs a value"),
+    (["n_epochs=3"], "unexpected argument"),
+])
+def test_bad_overrides_are_errors(argv, message):
+    settings = script_settings()
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        apply_overrides(settings, argv)
+    assert settings["n_epochs"] == 10

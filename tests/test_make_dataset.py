@@ -1,0 +1,100 @@
+"""make_dataset.py end to end on tiny NIfTIs, and the noise models it draws from."""
+import json
+
+import numpy as np
+import pytest
+
+from common import add_noise
+from conftest import phantom_volume, run_script, write_nifti
+
+
+def make_dataset(tmp_path, scan, name="dataset.npz", *overrides):
+    output = tmp_path / name
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={output}", "--target_n_images=60", *overrides)
+    with np.load(output, allow_pickle=False) as archive:
+        return output, {k: archive[k] for k in archive.files}
+
+
+@pytest.fixture(scope="module")
+def default_dataset(tmp_path_factory):
+    """(scan path, .npz path, arrays) of a dataset made with the default settings from a 4D 40x36x12x3 scan."""
+    folder = tmp_path_factory.mktemp("dataset")
+    scan = write_nifti(folder / "tiny.nii.gz", phantom_volume((40, 36, 12, 3)))
+    return (scan, *make_dataset(folder, scan))
+
+
+def test_shapes_and_ranges(default_dataset):
+    tiny_scan, _, arrays = default_dataset
+    n = len(arrays["clean"])
+    assert n > 0
+    assert arrays["clean"].shape == arrays["noisy"].shape == arrays["mask"].shape == (n, 40, 36)
+    assert arrays["clean"].dtype == arrays["noisy"].dtype == np.float32
+    assert arrays["mask"].dtype == bool and arrays["mask"].any()
+    assert 0 <= arrays["clean"].min() and arrays["clean"].max() <= 1
+    assert arrays["split"].shape == arrays["slice_index"].shape == arrays["time_index"].shape == (n,)
+    noise_std = float(np.std(arrays["noisy"] - arrays["clean"]))
+    assert abs(noise_std - 0.06) < 0.01
+    settings = json.loads(str(arrays["settings_json"]))
+    assert settings["noise_sigma"] == 0.06 and settings["input_paths"] == [tiny_scan]
+
+
+def test_split_shares_no_slice_position(default_dataset):
+    _, _, arrays = default_dataset
+    positions = {name: set(arrays["slice_index"][arrays["split"] == name].tolist()) for name in ("train", "val", "test")}
+    assert all(positions.values()), positions
+    assert not positions["train"] & positions["val"]
+    assert not positions["train"] & positions["test"]
+    assert not positions["val"] & positions["test"]
+    # every time point of a kept position lands in the same split
+    assert set(arrays["time_index"][arrays["split"] == "val"].tolist()) == {0, 1, 2}
+
+
+def test_same_seed_gives_a_byte_identical_file(default_dataset, tmp_path):
+    scan, path, arrays = default_dataset
+    first = path.read_bytes()
+    make_dataset(path.parent, scan, path.name)  # the same output name: the settings saved in the file name it
+    assert path.read_bytes() == first
+    _, other_seed = make_dataset(tmp_path, scan, "seed1.npz", "--seed=1")
+    assert not np.array_equal(other_seed["noisy"], arrays["noisy"])
+
+
+def test_explicit_slice_range(tmp_path, tiny_scan):
+    _, arrays = make_dataset(tmp_path, tiny_scan, "range.npz", "--slice_range=3,9")
+    assert sorted(set(arrays["slice_index"].tolist())) == [3, 4, 5, 6, 7, 8]
+
+
+def test_slice_range_outside_the_scan_is_an_error(tmp_path, tiny_scan):
+    result = run_script("make_dataset", f"--input_paths={tiny_scan}", f"--output={tmp_path / 'x.npz'}",
+                        "--slice_range=5,40", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: slice_range=[5, 40] does not fit")
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_3d_input_works(tmp_path):
+    scan = write_nifti(tmp_path / "volume.nii.gz", phantom_volume((24, 20, 10)), dtype=np.int16)
+    _, arrays = make_dataset(tmp_path, scan)
+    assert arrays["clean"].shape[1:] == (24, 20)
+    assert set(arrays["time_index"].tolist()) == {0}
+    assert {"train", "val", "test"} <= set(arrays["split"].tolist())
+
+
+def test_rician_noise_is_biased_upwards_at_zero_signal():
+    sigma = 0.05
+    rng = np.random.default_rng(0)
+    zero_signal = np.zeros(200_000, dtype=np.float32)
+    noisy = add_noise(zero_signal, sigma, "rician", rng.standard_normal((2, zero_signal.size)))
+    assert abs(noisy.mean() - sigma * np.sqrt(np.pi / 2)) < 0.01 * sigma
+    assert noisy.min() >= 0
+    # far above the noise it is close to Gaussian: unbiased, standard deviation sigma
+    bright = add_noise(np.ones(200_000), sigma, "rician", rng.standard_normal((2, 200_000)))
+    assert abs(bright.mean() - 1 - sigma ** 2 / 2) < 0.002
+    assert abs(bright.std() - sigma) < 0.02 * sigma
+
+
+def test_rician_dataset(tmp_path, tiny_scan):
+    _, arrays = make_dataset(tmp_path, tiny_scan, "rician.npz", "--noise_model=rician", "--noise_sigma=0.1")
+    background = arrays["clean"] == 0
+    assert background.any()
+    assert abs(arrays["noisy"][background].mean() - 0.1 * np.sqrt(np.pi / 2)) < 0.01
+    assert json.loads(str(arrays["settings_json"]))["noise_model"] == "rician"

@@ -1,0 +1,234 @@
+"""use_trained_autoencoder.py end to end: evaluation on a test split, and denoising NIfTI files back into
+NIfTI files with the input's geometry, header and intensity units; bad inputs give one clear error."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import phantom_volume, run_script, write_nifti
+from models import CHECKPOINT_FORMAT, build_model
+
+SIGMA = 0.06  # the noise sigma of the tiny training set, on the [0, 1] scale
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model path, dataset path) of a seed network trained for a few epochs on a tiny phantom."""
+    folder = tmp_path_factory.mktemp("trained")
+    scan = write_nifti(folder / "tiny.nii.gz", phantom_volume((40, 36, 12, 3)))
+    dataset = folder / "dataset.npz"
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={dataset}", "--target_n_images=600",
+               f"--noise_sigma={SIGMA}")
+    run_script("train_autoencoder", f"--dataset_path={dataset}", "--n_epochs=4", "--batch_size=4",
+               f"--models_dir={folder}", f"--plots_dir={folder}", f"--examples_dir={folder}")
+    (model,) = folder.glob("autoencoder_seed_4epochs_*images.pt")
+    return model, dataset
+
+
+def denoise(model, input_path, output_path, *overrides, check=True):
+    return run_script("use_trained_autoencoder", f"--model={model}", f"--input={input_path}",
+                      f"--output={output_path}", *overrides, check=check)
+
+
+def noisy_phantom(shape, seed=1):
+    """(clean, noisy) float32 phantoms with Gaussian noise of SIGMA times the 1st-99th percentile range."""
+    clean = phantom_volume(shape, seed=seed)
+    low, high = np.percentile(clean, [1, 99])
+    noise = np.random.default_rng(seed + 100).normal(0, SIGMA * (high - low), clean.shape)
+    return clean, (clean + noise).astype(np.float32)
+
+
+# --- evaluation mode -----------------------------------------------------------------------------
+
+def test_evaluation_writes_metrics_and_figures(trained, tmp_path):
+    model, dataset = trained
+    run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
+               f"--examples_dir={tmp_path}")
+    metrics = json.loads((tmp_path / f"metrics_{model.stem}.json").read_text())
+    assert metrics["n_test_slices"] > 0 and metrics["noise_sigma"] == SIGMA
+    assert metrics["denoised"]["psnr_mask"]["mean"] > metrics["noisy"]["psnr_mask"]["mean"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"denoising_2x3_{model.stem}_test.png",
+                                                              f"denoising_5x3_{model.stem}_test.png"]
+
+
+# --- denoising a NIfTI ---------------------------------------------------------------------------
+
+def header_fields(image):
+    header = image.header
+    return {"shape": image.shape, "affine": image.affine.tolist(), "sform_code": int(header["sform_code"]),
+            "qform_code": int(header["qform_code"]), "zooms": header.get_zooms(),
+            "xyzt_units": header.get_xyzt_units(), "tr": float(header["pixdim"][4])}
+
+
+def write_oblique_nifti(path, data, dtype):
+    """A NIfTI with an oblique affine, distinct sform and qform codes, mm/s units and a TR of 2.5 s."""
+    affine = np.array([[1.9, 0.3, 0.0, -60.0], [-0.3, 1.9, 0.2, -70.0], [0.0, -0.1, 3.0, -20.0], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(data.astype(dtype), affine)
+    image.set_sform(affine, code=4)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    if data.ndim == 4:
+        image.header.set_zooms(image.header.get_zooms()[:3] + (2.5,))
+    nib.save(image, str(path))
+    return nib.load(str(path))
+
+
+@pytest.mark.parametrize("shape", [(61, 73, 11), (61, 73, 11, 3)], ids=["3d", "4d"])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32], ids=["int16", "float32"])
+def test_round_trip_keeps_geometry_and_header(trained, tmp_path, shape, dtype):
+    model, _ = trained
+    _, noisy = noisy_phantom(shape)
+    original = write_oblique_nifti(tmp_path / "scan.nii.gz", noisy, dtype)
+    denoise(model, tmp_path / "scan.nii.gz", tmp_path / "denoised.nii.gz")
+    result = nib.load(tmp_path / "denoised.nii.gz")
+    expected = header_fields(original)
+    assert header_fields(result) == expected
+    assert result.get_data_dtype() == np.float32  # the default, whatever the input type
+    assert np.isfinite(result.get_fdata()).all()
+    if len(shape) == 4:
+        assert expected["tr"] == 2.5
+
+
+def test_dtype_input_writes_the_input_type(trained, tmp_path):
+    model, _ = trained
+    clean, noisy = noisy_phantom((40, 36, 12, 2))
+    write_oblique_nifti(tmp_path / "scan.nii.gz", noisy, np.int16)
+    denoise(model, tmp_path / "scan.nii.gz", tmp_path / "denoised.nii.gz", "--dtype=input")
+    result = nib.load(tmp_path / "denoised.nii.gz")
+    assert result.get_data_dtype() == np.int16
+    head = clean > 0.3 * clean.max()
+    assert abs(result.get_fdata()[head].mean() / clean[head].mean() - 1) < 0.03
+
+
+def test_dtype_input_keeps_the_precision_of_scaled_integers(trained, tmp_path):
+    """An int16 input stored with scl_slope (intensities 0..8 here) must not be rounded to whole units."""
+    model, _ = trained
+    _, noisy = noisy_phantom((40, 36, 12))
+    image = nib.Nifti1Image(noisy / 100, np.eye(4))
+    image.header.set_data_dtype(np.int16)  # nibabel stores it scaled, with a slope far below 1
+    nib.save(image, str(tmp_path / "scaled.nii.gz"))
+    assert nib.load(tmp_path / "scaled.nii.gz").dataobj.slope < 0.01
+    denoise(model, tmp_path / "scaled.nii.gz", tmp_path / "denoised.nii.gz", "--dtype=input")
+    result = nib.load(tmp_path / "denoised.nii.gz")
+    assert result.get_data_dtype() == np.int16
+    assert len(np.unique(result.get_fdata())) > 100
+
+
+def test_denoising_removes_noise_in_input_units(trained, tmp_path):
+    model, _ = trained
+    clean, noisy = noisy_phantom((40, 36, 12, 3))
+    write_nifti(tmp_path / "scan.nii.gz", noisy)
+    result = denoise(model, tmp_path / "scan.nii.gz", tmp_path / "denoised.nii.gz", "--report")
+    denoised = nib.load(tmp_path / "denoised.nii.gz")
+    values = denoised.get_fdata()
+    head = clean > 0.3 * clean.max()
+    assert abs(values[head].mean() / clean[head].mean() - 1) < 0.03  # intensities in the input's units
+    rmse_noisy = np.sqrt(np.mean((noisy[head] - clean[head]) ** 2))
+    rmse_denoised = np.sqrt(np.mean((values[head] - clean[head]) ** 2))
+    assert rmse_denoised < 0.8 * rmse_noisy
+    assert model.name in denoised.header["descrip"].tobytes().decode()
+    assert (tmp_path / "denoised_report.png").stat().st_size > 10_000
+    assert "estimated noise sigma" in result.stdout
+
+
+def test_refuses_an_existing_output_without_overwrite(trained, tmp_path):
+    model, _ = trained
+    write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
+    (tmp_path / "denoised.nii.gz").write_bytes(b"keep me")
+    result = denoise(model, tmp_path / "scan.nii.gz", tmp_path / "denoised.nii.gz", check=False)
+    assert_one_line_error(result, "denoised.nii.gz exists", "--overwrite")
+    assert (tmp_path / "denoised.nii.gz").read_bytes() == b"keep me"
+    denoise(model, tmp_path / "scan.nii.gz", tmp_path / "denoised.nii.gz", "--overwrite")
+    assert nib.load(tmp_path / "denoised.nii.gz").shape == (20, 18, 6)
+
+
+def test_refuses_to_overwrite_the_input(trained, tmp_path):
+    model, _ = trained
+    scan = write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
+    before = (tmp_path / "scan.nii.gz").read_bytes()
+    result = denoise(model, scan, tmp_path / "." / "scan.nii.gz", "--overwrite", check=False)
+    assert_one_line_error(result, "is the input file")
+    assert (tmp_path / "scan.nii.gz").read_bytes() == before
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def write_bad_input(kind, folder):
+    """Write a bad input of the given kind in `folder`; returns its path."""
+    path = folder / f"{kind}.nii.gz"
+    volume = noisy_phantom((12, 10, 4))[1]
+    if kind == "missing":
+        return path
+    if kind == "text":
+        path.write_text("this is not an image\n")
+    elif kind == "2d":
+        write_nifti(path, volume[:, :, 0])
+    elif kind == "5d":
+        write_nifti(path, np.stack([volume[..., None]] * 2, axis=4))
+    elif kind in ("nan", "inf"):
+        volume[3, 4, 1] = np.nan if kind == "nan" else np.inf
+        write_nifti(path, volume)
+    elif kind == "zeros":
+        write_nifti(path, np.zeros_like(volume))
+    elif kind == "truncated":
+        write_nifti(path, noisy_phantom((40, 36, 12, 3))[1])
+        whole = path.read_bytes()
+        path.write_bytes(whole[:len(whole) // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("missing", "no such file"),
+    ("text", "is not a NIfTI file"),
+    ("2d", "has 2 dimensions"),
+    ("5d", "has 5 dimensions"),
+    ("nan", "NaN or Inf"),
+    ("inf", "NaN or Inf"),
+    ("zeros", "every voxel is zero"),
+    ("truncated", "truncated"),
+])
+def test_bad_input_is_one_clear_error(trained, tmp_path, kind, fragment):
+    model, _ = trained
+    path = write_bad_input(kind, tmp_path)
+    result = denoise(model, path, tmp_path / "out.nii.gz", check=False)
+    assert_one_line_error(result, str(path), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if kind == "missing" else [path.name])
+
+
+def write_bad_checkpoint(kind, path):
+    if kind == "plain_dict":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "wrong_arch":
+        torch.save({"state_dict": build_model("seed").state_dict(),
+                    "metadata": {"format_version": CHECKPOINT_FORMAT, "arch": "dncnn", "arch_args": {}}}, path)
+    elif kind == "bad_metadata":
+        torch.save({"state_dict": build_model("seed").state_dict(), "metadata": "seed"}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("plain_dict", "not a checkpoint of this repo"),
+    ("text", "not a readable PyTorch checkpoint"),
+    ("wrong_arch", "state_dict"),
+    ("bad_metadata", "not a checkpoint of this repo"),
+    ("missing", "no such checkpoint"),
+])
+def test_bad_checkpoint_is_one_clear_error(tmp_path, kind, fragment):
+    scan = write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
+    model = write_bad_checkpoint(kind, tmp_path / "model.pt")
+    result = denoise(model, scan, tmp_path / "out.nii.gz", check=False)
+    assert_one_line_error(result, str(model), fragment)
+    assert not (tmp_path / "out.nii.gz").exists()
