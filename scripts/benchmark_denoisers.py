@@ -10,14 +10,16 @@ import os
 import time
 
 import bm3d
+import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
-from common import (InputError, add_noise, apply_overrides, check_file_exists, denoise_slices,
-                    estimate_noise_sigma, image_metrics, load_checkpoint, run_main, save_figure, save_json,
-                    summarise_metrics, atomic_write)
+from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_overrides, atomic_write,
+                    check_file_exists, denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics,
+                    load_checkpoint, normalise, percentile_range, run_main, save_figure, save_json,
+                    summarise_metrics)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -30,6 +32,12 @@ n_tuning_slices = 6                         # validation slices used to tune Gau
 gaussian_widths = [0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5]   # candidate sigmas of the Gaussian filter, in pixels
 nlm_strengths = [0.6, 0.8, 1.0, 1.2]        # candidate h / sigma of non-local means
 seed = 1234
+ood_scans = ["anatomical.nii", "functional.nii", "phantom_EPI_asc_CLEAR_2_1.PAR",
+             "bundled:coarse", "bundled:fine", "bundled:gamma"]
+# out-of-domain test sets, scored at main_sigma: files (in nibabel's test data folder, or any path), or the
+# bundled test slices resampled to 2x coarser or 1.5x finer voxels, or with another contrast (gamma 0.6)
+adapt_steps = 0                             # > 0 adds "+ adaptation" rows (use_trained_autoencoder --adapt_steps)
+adapt_seconds = 60.0                        # time budget of one adaptation
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
 update_readme = True                        # write the main table into README.md between the markers
 # ---
@@ -77,40 +85,83 @@ def tune(method, candidates, val_noisy, val_clean, val_masks):
     return candidates[int(np.argmax(scores))]
 
 
-def run_timed(method, noisy):
-    method(noisy[:2])  # warm up: the first call of a network pays for memory allocation
+def run_timed(method, noisy, warm_up=True):
+    if warm_up:  # the first call of a network pays for memory allocation
+        method(noisy[:2])
     started = time.perf_counter()
     denoised = method(noisy)
     return denoised, (time.perf_counter() - started) / len(noisy)
 
 
-def network_method(model, metadata):
-    """A function noisy -> denoised for one network; noise-map networks get the estimated sigma."""
+def network_method(model, metadata, adapt=False):
+    """A function noisy -> denoised for one network; noise-map networks get the estimated sigma.
+    With adapt, the network is first fine-tuned on the noisy slices themselves (self-supervised)."""
     def denoise(noisy):
         sigma = estimate_noise_sigma(noisy) if metadata["noise_map"] else 0.0
-        return denoise_slices(model, noisy, sigma)
+        adapted = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds)[0] if adapt else model
+        return denoise_slices(adapted, noisy, sigma)
     return denoise
 
 
-def benchmark_one_sigma(sigma, model_noise, networks, test, val, rng):
-    """Metrics and seconds per slice of every method at one noise level; also the denoised slices."""
-    test_noisy, test_clean = noisy_versions(test["clean"], sigma, model_noise, rng, n_realisations)
-    test_masks = np.repeat(test["mask"], n_realisations, axis=0)
-    val_noisy, val_clean = noisy_versions(val["clean"], sigma, model_noise, rng, 1)
-    width = tune(gaussian_filter_slices, gaussian_widths, val_noisy, val_clean, val["mask"])
-    strength = tune(lambda n, k: nlm_slices(n, sigma, k), nlm_strengths, val_noisy, val_clean, val["mask"])
+def all_methods(sigma, width, strength, networks):
     methods = {"noisy input": lambda n: n,
                f"Gaussian filter (width {width})": lambda n: gaussian_filter_slices(n, width),
                f"non-local means (h = {strength} sigma)": lambda n: nlm_slices(n, sigma, strength),
                "BM3D (true sigma)": lambda n: bm3d_slices(n, sigma)}
-    methods.update({name: network_method(model, metadata) for name, (model, metadata) in networks.items()})
+    for name, (model, metadata) in networks.items():
+        methods[name] = network_method(model, metadata)
+        if adapt_steps > 0:
+            methods[name.split(" (")[0] + " + adaptation"] = network_method(model, metadata, adapt=True)
+    return methods
+
+
+def score(methods, noisy, clean, masks):
+    """Metrics and seconds per slice of every method; also the denoised slices."""
     rows, outputs = {}, {}
     for name, method in methods.items():
-        denoised, seconds = run_timed(method, test_noisy)
-        per_slice = [image_metrics(c, d, m) for c, d, m in zip(test_clean, denoised, test_masks)]
+        denoised, seconds = run_timed(method, noisy, warm_up="adaptation" not in name)
+        per_slice = [image_metrics(c, d, m) for c, d, m in zip(clean, denoised, masks)]
         rows[name] = {**summarise_metrics(per_slice), "seconds_per_slice": seconds}
         outputs[name] = denoised
-    return rows, outputs, (test_noisy, test_clean, test_masks)
+    return rows, outputs
+
+
+def tuned_parameters(sigma, model_noise, val, rng):
+    """Gaussian filter width and NLM strength with the best in-mask PSNR on validation slices."""
+    val_noisy, val_clean = noisy_versions(val["clean"], sigma, model_noise, rng, 1)
+    width = tune(gaussian_filter_slices, gaussian_widths, val_noisy, val_clean, val["mask"])
+    strength = tune(lambda n, k: nlm_slices(n, sigma, k), nlm_strengths, val_noisy, val_clean, val["mask"])
+    return width, strength
+
+
+def ood_clean_slices(name, bundled_test):
+    """Clean slices and head masks of one out-of-domain test set (see ood_scans)."""
+    if name.startswith("bundled:"):
+        change = name.split(":", 1)[1]
+        if change == "gamma":
+            return bundled_test["clean"] ** 0.6, bundled_test["mask"]
+        factor = {"coarse": 0.5, "fine": 1.5}[change]
+        clean = np.stack([np.clip(ndimage.zoom(c, factor, order=3), 0, 1) for c in bundled_test["clean"]])
+        masks = np.stack([ndimage.zoom(m.astype(np.float32), factor, order=1) > 0.5 for m in bundled_test["mask"]])
+        return clean.astype(np.float32), masks
+    path = name if os.path.exists(name) else os.path.join(os.path.dirname(BUNDLED_SCAN), name)
+    check_file_exists(path)
+    volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    volume = volume[..., 0] if volume.ndim == 4 else volume
+    volume = normalise(volume, *percentile_range(volume))
+    head = foreground_mask(volume)
+    keep = [z for z in range(volume.shape[2]) if head[:, :, z].mean() >= 0.15]
+    return np.moveaxis(volume[:, :, keep], 2, 0), np.moveaxis(head[:, :, keep], 2, 0)
+
+
+def ood_table(ood_rows):
+    names = list(next(iter(ood_rows.values())))
+    sets = list(ood_rows)
+    lines = ["| method | " + " | ".join(sets) + " |", "| --- |" + " --- |" * len(sets)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{ood_rows[s][name]['psnr_mask']['mean']:.2f}" for s in sets) + " |")
+    return (f"Out-of-domain test sets, noise sigma {main_sigma}, in-mask PSNR (dB); classical methods tuned on "
+            "the bundled scan's validation slices:\n\n" + "\n".join(lines))
 
 
 def markdown_table(rows, sigma, model_noise, n_slices):
@@ -219,26 +270,40 @@ def main():
         raise InputError(f"main_sigma={main_sigma} is not one of sigmas={sigmas}")
     networks = load_networks()
     rng = np.random.default_rng(seed)
-    sweep, main_outputs = {}, None
+    sweep, main_outputs, ood_rows = {}, None, {}
     for sigma in sigmas:
-        rows, outputs, data = benchmark_one_sigma(sigma, model_noise, networks, test, val, rng)
+        width, strength = tuned_parameters(sigma, model_noise, val, rng)
+        methods = all_methods(sigma, width, strength, networks)
+        noisy, clean = noisy_versions(test["clean"], sigma, model_noise, rng, n_realisations)
+        masks = np.repeat(test["mask"], n_realisations, axis=0)
+        rows, outputs = score(methods, noisy, clean, masks)
         sweep[sigma] = rows
-        print(f"\n{markdown_table(rows, sigma, model_noise, len(data[0]))}")
-        if sigma == main_sigma:
-            main_outputs = (rows, outputs, data)
+        print(f"\n{markdown_table(rows, sigma, model_noise, len(noisy))}", flush=True)
+        if sigma != main_sigma:
+            continue
+        main_outputs = (rows, outputs, (noisy, clean, masks))
+        for name in ood_scans:
+            ood_clean, ood_masks = ood_clean_slices(name, test)
+            ood_noisy, ood_clean = noisy_versions(ood_clean, sigma, model_noise, rng, 1)
+            ood_rows[name] = score(methods, ood_noisy, ood_clean, ood_masks)[0]
+            print(f"{name}: " + ", ".join(f"{k.split(' (')[0]} {v['psnr_mask']['mean']:.2f}"
+                                          for k, v in ood_rows[name].items()), flush=True)
     tag = f"{results_name}_{model_noise}"
     rows, outputs, data = main_outputs
     results = {"dataset": dataset_path, "noise_model": model_noise, "n_test_slices": len(data[0]),
-               "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()},
-               "models": model_paths, "torch_threads": torch.get_num_threads()}
+               "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()}, "ood": ood_rows,
+               "models": model_paths, "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds,
+               "torch_threads": torch.get_num_threads()}
     paths = [save_json(results, f"denoising_examples/benchmark{tag}.json"),
              save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, test slices"), f"plots/psnr_vs_sigma{tag}.png"),
              save_figure(plot_comparison(outputs, data, rows, f"{model_noise} noise, sigma {main_sigma}, a test slice"),
                          f"denoising_examples/comparison{tag}.png", dpi=90)]
     markdown = markdown_table(rows, main_sigma, model_noise, len(data[0])) + "\n\n" + sweep_table(sweep)
+    if ood_rows:
+        markdown += "\n\n" + ood_table(ood_rows)
     if update_readme:
         write_into_readme(markdown, f"benchmark{tag}")
-    print(f"\n{sweep_table(sweep)}")
+    print("\n" + markdown)
     for path in paths:
         print(f"written to {path}")
 

@@ -395,10 +395,11 @@ def neighbour_subsample(images, choice):
     return cells.gather(1, pairs[choice, 0]), cells.gather(1, pairs[choice, 1])
 
 
-def neighbor2neighbor_loss(model, noisy, noise_sigma, generator, gamma=1.0):
+def neighbor2neighbor_loss(model, noisy, noise_sigma, generator, gamma=1.0, cell_weight=None):
     """Self-supervised loss of Huang et al., "Neighbor2Neighbor: Self-Supervised Denoising from Single
     Noisy Images" (CVPR 2021): denoise one sub-image and match the other, whose noise is independent,
-    plus their regulariser against the full-resolution output. The input never holds a target pixel."""
+    plus their regulariser against the full-resolution output. The input never holds a target pixel.
+    cell_weight (N, 1, H/2, W/2), if given, weights each 2x2 cell (0 leaves a cell out of the loss)."""
     import torch
     n, _, height, width = noisy.shape
     choice = torch.randint(len(NEIGHBOUR_PAIRS), (n, 1, height // 2, width // 2), generator=generator)
@@ -407,14 +408,16 @@ def neighbor2neighbor_loss(model, noisy, noise_sigma, generator, gamma=1.0):
     denoised_first = model(first, noise_sigma)
     with torch.no_grad():
         full_first, full_second = neighbour_subsample(model(noisy, noise_sigma), choice)
-    reconstruction = torch.mean((denoised_first - second) ** 2)
-    regulariser = torch.mean((denoised_first - second - (full_first - full_second)) ** 2)
-    return reconstruction + gamma * regulariser
+    errors = (denoised_first - second) ** 2 + gamma * (denoised_first - second - (full_first - full_second)) ** 2
+    if cell_weight is None:
+        return torch.mean(errors)
+    return torch.sum(errors * cell_weight) / torch.clamp(torch.sum(cell_weight), min=1)
 
 
-def heldout_self_supervised_loss(model, noisy_slices, noise_sigma, seed=0):
-    """Neighbor2Neighbor's reconstruction loss on slices the adaptation never trains on, with a fixed
-    sub-sampling: its expectation is the denoising error plus a constant (the target's own noise)."""
+def self_supervised_cell_errors(model, noisy_slices, noise_sigma, seed=0):
+    """Neighbor2Neighbor's reconstruction error per 2x2 cell, (n, H/2, W/2), with a fixed sub-sampling.
+    On cells the model was never trained to predict, its mean is the denoising error plus a constant
+    (the target pixel's own noise), so it compares two models without a clean image."""
     import torch
     generator = torch.Generator().manual_seed(seed)
     images = torch.from_numpy(np.asarray(noisy_slices, dtype=np.float32)[:, None])
@@ -422,45 +425,47 @@ def heldout_self_supervised_loss(model, noisy_slices, noise_sigma, seed=0):
                            generator=generator)
     first, second = neighbour_subsample(images, choice)
     with torch.inference_mode():
-        return float(torch.mean((model(first, noise_sigma) - second) ** 2))
+        return ((model(first, noise_sigma) - second) ** 2)[:, 0].numpy()
 
 
 def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, learning_rate=1e-4,
-                    batch_size=8, patch_size=64, seed=0):
+                    batch_size=8, patch_size=64, heldout_fraction=0.2, seed=0):
     """Fine-tune a copy of `model` on a scan's own noisy slices (n, H, W), [0, 1] scale, with the
-    Neighbor2Neighbor loss, for n_steps or max_seconds. Every fifth slice is held out: the adapted copy
-    is kept only if it lowers the held-out self-supervised loss, so adapting never makes things worse
-    by that measure. Returns (model to use, a dict describing what happened)."""
+    Neighbor2Neighbor loss, for n_steps or max_seconds. A random fifth of the 2x2 cells is held out of
+    the loss; the adapted copy is kept only if its error on those cells is lower than the original's by
+    more than twice the standard error, so adapting does not make the result worse by that measure.
+    Returns (the model to use, a dict describing what happened)."""
     import copy
     import time
 
     import torch
     noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
-    heldout = np.arange(len(noisy_slices)) % 5 == 4
-    if not heldout.any() or heldout.all():
-        heldout = np.zeros(len(noisy_slices), dtype=bool)
-        heldout[-1] = True
-    train_slices = noisy_slices[~heldout] if (~heldout).any() else noisy_slices
-    before = heldout_self_supervised_loss(model, noisy_slices[heldout], noise_sigma)
+    n_slices, height, width = noisy_slices.shape
+    rng = np.random.default_rng(seed)
+    heldout = rng.random((n_slices, height // 2, width // 2)) < heldout_fraction
+    errors_before = self_supervised_cell_errors(model, noisy_slices, noise_sigma)[heldout]
     adapted = copy.deepcopy(model).train()
     optimiser = torch.optim.Adam(adapted.parameters(), lr=learning_rate)
-    rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     sigma = torch.full((batch_size,), float(noise_sigma))
+    cells_h, cells_w = min(patch_size, height) // 2, min(patch_size, width) // 2
     started, steps = time.perf_counter(), 0
     while steps < n_steps and time.perf_counter() - started < max_seconds:
-        picks = rng.integers(len(train_slices), size=batch_size)
-        size_h, size_w = min(patch_size, train_slices.shape[1]), min(patch_size, train_slices.shape[2])
-        tops = rng.integers(0, train_slices.shape[1] - size_h + 1, size=batch_size)
-        lefts = rng.integers(0, train_slices.shape[2] - size_w + 1, size=batch_size)
-        batch = np.stack([train_slices[p, t:t + size_h, l:l + size_w] for p, t, l in zip(picks, tops, lefts)])
-        loss = neighbor2neighbor_loss(adapted, torch.from_numpy(batch[:, None]), sigma, generator)
+        picks = rng.integers(n_slices, size=batch_size)
+        tops = rng.integers(0, height // 2 - cells_h + 1, size=batch_size)
+        lefts = rng.integers(0, width // 2 - cells_w + 1, size=batch_size)
+        batch = np.stack([noisy_slices[p, 2 * t:2 * (t + cells_h), 2 * l:2 * (l + cells_w)]
+                          for p, t, l in zip(picks, tops, lefts)])
+        weight = np.stack([~heldout[p, t:t + cells_h, l:l + cells_w] for p, t, l in zip(picks, tops, lefts)])
+        loss = neighbor2neighbor_loss(adapted, torch.from_numpy(batch[:, None]), sigma, generator,
+                                      cell_weight=torch.from_numpy(weight[:, None].astype(np.float32)))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         steps += 1
     adapted.eval()
-    after = heldout_self_supervised_loss(adapted, noisy_slices[heldout], noise_sigma)
-    info = {"steps": steps, "seconds": time.perf_counter() - started, "heldout_loss_before": before,
-            "heldout_loss_after": after, "kept": after < before}
-    return (adapted if after < before else model), info
+    gain = errors_before - self_supervised_cell_errors(adapted, noisy_slices, noise_sigma)[heldout]
+    kept = bool(gain.mean() > 2 * gain.std() / np.sqrt(max(1, gain.size)))
+    info = {"steps": steps, "seconds": time.perf_counter() - started, "heldout_cells": int(gain.size),
+            "heldout_error_before": float(errors_before.mean()), "heldout_gain": float(gain.mean()), "kept": kept}
+    return (adapted if kept else model), info
