@@ -7,8 +7,8 @@ import tempfile
 
 import numpy as np
 
-from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, foreground_mask, load_nifti,
-                    normalise, package_versions, percentile_range, run_main, save_npz)
+from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, estimate_noise_sigma, foreground_mask,
+                    load_nifti, normalise, package_versions, percentile_range, run_main, save_npz)
 
 # --- settings: edit here, or override on the command line: --noise_sigma=0.09 --input_paths=a.nii.gz,b.nii.gz
 input_paths = [BUNDLED_SCAN]      # 3D or 4D NIfTI files; globs ("scans/*.nii.gz") are expanded
@@ -23,6 +23,10 @@ noise_sigma = 0.06                # on the [0, 1] scale
 target_n_images = 1000            # draw several noise realisations per clean slice to reach about this many pairs
 val_fraction = 0.15               # of slice positions (of scans, when there are 3 or more)
 test_fraction = 0.15
+pairing = "none"                  # "time": pair each image with the same slice at a neighbouring time point,
+                                  # for Noise2Noise training (train_autoencoder --training_target=time_partner)
+max_pair_difference = 3.0         # drop time pairs whose mean squared difference exceeds this many times the
+                                  # 2 sigma^2 that noise alone gives (motion, signal change)
 seed = 0
 # ---
 
@@ -99,6 +103,10 @@ def check_settings():
         raise InputError(f"target_n_images={target_n_images}; expected 1 or more")
     if noise_model not in ("gaussian", "rician"):
         raise InputError(f"noise_model={noise_model!r}; expected 'gaussian' or 'rician'")
+    if pairing not in ("none", "time"):
+        raise InputError(f"pairing={pairing!r}; expected 'none' or 'time'")
+    if max_pair_difference <= 0:
+        raise InputError(f"max_pair_difference={max_pair_difference}; expected above 0")
 
 
 def check_split_before_loading(paths):
@@ -134,6 +142,20 @@ def assign_splits(scans):
     return split_groups([(s["index"], z) for s in scans for z in s["positions"]], rng, "slice positions")
 
 
+def time_partners(noisy, head_mask, n_time, n_realisations, start):
+    """For a block of images of one slice position, ordered (time, realisation): the row of the same
+    slice and realisation at the next time point (the previous one for the last), or -1 when there is
+    no other time point or the pair differs by far more than noise does (motion, signal change)."""
+    if pairing != "time" or n_time < 2:
+        return np.full(len(noisy), -1)
+    rows = np.arange(len(noisy))
+    time_index = rows // n_realisations
+    partners = np.where(time_index + 1 < n_time, rows + n_realisations, rows - n_realisations)
+    noise_variance = estimate_noise_sigma(noisy) ** 2
+    difference = np.mean((noisy - noisy[partners])[:, head_mask] ** 2, axis=1)
+    return np.where(difference <= max_pair_difference * 2 * noise_variance, start + partners, -1)
+
+
 def write_dataset(path, scans, split_of, n_realisations, extra_arrays):
     """Cut the kept slices of every scan into clean/noisy pairs and save them, with extra_arrays, to path.
 
@@ -149,7 +171,7 @@ def write_dataset(path, scans, split_of, n_realisations, extra_arrays):
     with tempfile.TemporaryDirectory(prefix=".tmp-", dir=folder) as scratch:
         images = {name: np.lib.format.open_memmap(os.path.join(scratch, f"{name}.npy"), "w+", dtype, (n_images, *shape))
                   for name, dtype in (("clean", np.float32), ("noisy", np.float32), ("mask", bool))}  # (n_images, X, Y)
-        columns = {k: [] for k in ("scan_index", "slice_index", "time_index", "split")}
+        columns = {k: [] for k in ("scan_index", "slice_index", "time_index", "split", "partner_index")}
         start = 0
         for scan in scans:
             volumes, _ = load_scan(scan["path"])
@@ -158,7 +180,10 @@ def write_dataset(path, scans, split_of, n_realisations, extra_arrays):
                 draws = np.random.default_rng([seed, scan["index"], z]).standard_normal((2, *clean.shape), dtype=np.float32)
                 rows = slice(start, start + len(clean))
                 images["clean"][rows] = pad_to_shape(clean, shape)
-                images["noisy"][rows] = pad_to_shape(add_noise(clean, noise_sigma, noise_model, draws), shape)
+                noisy = add_noise(clean, noise_sigma, noise_model, draws)
+                images["noisy"][rows] = pad_to_shape(noisy, shape)
+                columns["partner_index"].append(time_partners(noisy, scan["mask"][:, :, z], scan["n_time"],
+                                                              n_realisations, start))
                 images["mask"][rows] = pad_to_shape(scan["mask"][None, :, :, z], shape)
                 columns["scan_index"].append(np.full(len(clean), scan["index"]))
                 columns["slice_index"].append(np.full(len(clean), z))
@@ -194,6 +219,9 @@ def main():
         groups = (f"scans {sorted(set(columns['scan_index'][chosen].tolist()))}" if len(paths) >= 3 else
                   f"slice positions {sorted(set(columns['slice_index'][chosen].tolist()))}")
         print(f"  {name}: {int(chosen.sum())} images, {groups}")
+    if pairing == "time":
+        kept = columns["partner_index"] >= 0
+        print(f"  time pairs: {int(kept.sum())} of {len(kept)} images have a partner at a neighbouring time point")
     print(f"dataset written to {output_path}")
 
 
