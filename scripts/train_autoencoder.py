@@ -2,12 +2,17 @@
 and example denoisings to denoising_examples/.
 
 Single process:  python scripts/train_autoencoder.py --n_epochs=100
-Several:         torchrun --nproc_per_node=2 scripts/train_autoencoder.py   (see README.md)"""
+Several:         torchrun --standalone --nproc_per_node=2 scripts/train_autoencoder.py   (see README.md)
+Ctrl-C saves a state to continue from: --resume=trained_models/NAME.resume.pt"""
+import copy
+import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -17,8 +22,8 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from common import (InputError, add_noise, apply_overrides, atomic_write, check_file_exists, denoise_slices,
-                    package_versions, pick_device, plot_denoising_grid, run_main, save_figure)
-from models import CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
+                    load_npz, package_versions, pick_device, plot_denoising_grid, run_main, save_figure)
+from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
 
 # --- settings: edit here, or override on the command line: --n_epochs=100 --arch=unet
 dataset_path = "data/mri_denoising.npz"
@@ -44,8 +49,18 @@ examples_dir = "denoising_examples"
 # ---
 
 
-def check_settings(n_train, n_val, world_size):
+def check_settings(world_size):
+    """The settings that need no data, checked before anything is read."""
     problems = []
+    if arch not in ARCHITECTURES:
+        problems.append(f"arch={arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    else:
+        try:
+            build_model(arch, arch_args)
+        except (TypeError, ValueError) as error:
+            problems.append(f"arch_args={arch_args} do not fit arch={arch} ({error})")
+    if noise_model not in ("", "gaussian", "rician"):
+        problems.append(f"noise_model={noise_model!r}; expected '', 'gaussian' or 'rician'")
     if n_epochs < 1:
         problems.append(f"n_epochs={n_epochs}; expected 1 or more")
     if batch_size < 1:
@@ -62,6 +77,13 @@ def check_settings(n_train, n_val, world_size):
         problems.append(f"patch_size={patch_size}; expected 0 (whole slices) or a size in pixels")
     if val_every < 1 or checkpoint_every < 1:
         problems.append(f"val_every={val_every}, checkpoint_every={checkpoint_every}; expected 1 or more")
+    if problems:
+        raise InputError("; ".join(problems))
+
+
+def check_dataset_fits(n_train, n_val):
+    """The settings that depend on the dataset, checked before training starts."""
+    problems = []
     if n_val == 0:
         problems.append(f"{dataset_path} has no validation images")
     if n_train < batch_size:
@@ -71,14 +93,15 @@ def check_settings(n_train, n_val, world_size):
 
 
 def load_dataset(path):
-    """The .npz arrays a run needs and the settings that made them."""
-    import json
+    """The .npz arrays a run needs and the settings that made them. The images (clean, noisy, mask:
+    (n, X, Y)) are memory-mapped: an image is read from disk when a batch needs it."""
     check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in ("clean", "noisy", "mask", "split", "slice_index", "scan_index")}
-            dataset_settings = json.loads(str(archive["settings_json"]))
-    except (KeyError, ValueError, OSError) as error:
+        arrays = load_npz(path, mapped=("clean", "noisy", "mask"))
+        arrays = {k: arrays[k] for k in ("clean", "noisy", "mask", "split", "slice_index", "scan_index",
+                                         "settings_json")}
+        dataset_settings = json.loads(str(arrays.pop("settings_json")))
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise InputError(f"{path} is not a dataset made by make_dataset.py ({error})") from None
     return arrays, dataset_settings
 
@@ -95,7 +118,9 @@ def setup_distributed():
         dist.init_process_group("nccl")
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+        # share out the cores this process may use (fewer than os.cpu_count() in a container or a batch job)
+        n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, n_cores // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
         dist.init_process_group("gloo")
     return dist.get_rank(), world_size, device
 
@@ -131,8 +156,11 @@ def make_training_pair(clean, fixed_noisy, epoch, index, train_sigma, train_nois
 
 
 def make_batch(indices, epoch, train, train_sigma, train_noise_model, device):
-    pairs = [make_training_pair(train["clean"][i], train["noisy"][i], epoch, i, train_sigma, train_noise_model)
-             for i in indices.tolist()]
+    """The training pairs of the training images `indices` (0 .. n_train - 1), read from the dataset's rows."""
+    rows = train["rows"][indices.numpy()]
+    pairs = [make_training_pair(np.asarray(train["clean"][row]), np.asarray(train["noisy"][row]), epoch, i,
+                                train_sigma, train_noise_model)
+             for i, row in zip(indices.tolist(), rows.tolist())]
     noisy = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
     clean = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).to(device)
     sigma = torch.tensor([p[2] for p in pairs], dtype=torch.float32, device=device)
@@ -145,14 +173,28 @@ def learning_rate_at(epoch):
     return learning_rate
 
 
-def train_one_epoch(model, optimiser, loader, epoch, train, train_sigma, train_noise_model, device, world_size):
-    """One pass over the training images; returns the mean training MSE over all processes."""
+def stop_requested_everywhere(stop_requested, world_size, device):
+    """Whether any process has been asked to stop (Ctrl-C, SIGTERM). They must all stop before the same
+    batch: a process that went on would wait for the others' gradients forever."""
+    if world_size == 1:
+        return bool(stop_requested)
+    flag = torch.tensor([float(bool(stop_requested))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train_one_epoch(model, optimiser, loader, epoch, train, train_sigma, train_noise_model, device, world_size,
+                    stop_requested):
+    """One pass over the training images; returns the mean training MSE over all processes, or None
+    if a stop was requested before the epoch was done."""
     model.train()
     for group in optimiser.param_groups:
         group["lr"] = learning_rate_at(epoch)
     loader.sampler.set_epoch(epoch)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     for (indices,) in loader:
+        if stop_requested_everywhere(stop_requested, world_size, device):
+            return None
         noisy, clean, sigma = make_batch(indices, epoch, train, train_sigma, train_noise_model, device)
         loss = torch.mean((model(noisy, sigma) - clean) ** 2)
         optimiser.zero_grad(set_to_none=True)
@@ -164,39 +206,73 @@ def train_one_epoch(model, optimiser, loader, epoch, train, train_sigma, train_n
     return float(loss_sum[0] / loss_sum[1])
 
 
-def validation_mse(model, val, train_sigma):
-    denoised = denoise_slices(model, val["noisy"], train_sigma)
-    return float(np.mean((denoised - val["clean"]) ** 2))
+def validation_mse(model, val, train_sigma, chunk_size=256):
+    """Mean squared error of the denoised validation images, chunk_size images in memory at a time."""
+    squared_error, n_pixels = 0.0, 0
+    for start in range(0, len(val["rows"]), chunk_size):
+        rows = val["rows"][start:start + chunk_size]
+        clean = np.asarray(val["clean"][rows])
+        denoised = denoise_slices(model, np.asarray(val["noisy"][rows]), train_sigma)
+        squared_error += float(np.sum((denoised - clean) ** 2, dtype=np.float64))
+        n_pixels += clean.size
+    return squared_error / n_pixels
 
 
 def run_name(n_train):
     return f"autoencoder_{arch}{output_tag}_{n_epochs}epochs_{n_train}images"
 
 
-def training_state(model, optimiser, epoch, history):
-    return {"state_dict": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch,
-            "history": history, "format_version": CHECKPOINT_FORMAT,
-            "settings": {"arch": arch, "arch_args": arch_args, "seed": seed, "batch_size": batch_size}}
+def resume_settings(n_train):
+    """The settings that shape the rest of a run: a resumed run should share them with the one it continues."""
+    return {"arch": arch, "arch_args": arch_args, "seed": seed, "batch_size": batch_size,
+            "learning_rate": learning_rate, "lr_schedule": lr_schedule, "fresh_noise": fresh_noise,
+            "noise_model": noise_model, "noise_sigma_range": list(noise_sigma_range), "patch_size": patch_size,
+            "augment": augment, "n_train_images": n_train}
+
+
+def training_state(model, optimiser, epoch, history, n_train):
+    """A copy of everything needed to continue the run after `epoch` epochs: later steps do not change it."""
+    return copy.deepcopy({"state_dict": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch,
+                          "history": history, "format_version": CHECKPOINT_FORMAT,
+                          "settings": resume_settings(n_train)})
 
 
 def save_torch(data, path):
     return atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
-def load_resume_state(path, model, optimiser):
+def load_resume_state(path, model, optimiser, n_train):
+    """Restore the model and optimiser from a .resume.pt file. Returns (epochs done, loss history,
+    the settings that differ from the run that saved it)."""
     check_file_exists(path, "resume checkpoint")
+    cannot = f"{path} cannot be resumed"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format_version") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format {state.get('format_version')}, this code reads {CHECKPOINT_FORMAT}")
-        saved = state["settings"]
-        if (saved["arch"], saved["arch_args"]) != (arch, arch_args):
-            raise ValueError(f"it was made by arch={saved['arch']} {saved['arch_args']}, not arch={arch} {arch_args}")
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        raise InputError(f"{cannot}: it is not a readable PyTorch file, or it is truncated ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not {"state_dict", "optimiser", "epoch", "history", "settings"} <= state.keys():
+        kind = ("a trained model, not a resume state (those end in .resume.pt)"
+                if isinstance(state, dict) and "metadata" in state else "not a resume state of train_autoencoder.py")
+        raise InputError(f"{cannot}: it is {kind}")
+    if state.get("format_version") != CHECKPOINT_FORMAT:
+        raise InputError(f"{cannot}: it has checkpoint format {state.get('format_version')}, this code reads format "
+                         f"{CHECKPOINT_FORMAT}; continue it with the version of the code that wrote it")
+    saved = state["settings"]
+    if (saved["arch"], saved["arch_args"]) != (arch, arch_args):
+        raise InputError(f"{cannot}: it was made by arch={saved['arch']} arch_args={saved['arch_args']}, "
+                         f"not arch={arch} arch_args={arch_args}")
+    if saved.get("n_train_images", n_train) != n_train:
+        raise InputError(f"{cannot}: it was trained on {saved['n_train_images']} images, {dataset_path} has "
+                         f"{n_train}; resume with the dataset it was trained on")
+    if state["epoch"] > n_epochs:
+        raise InputError(f"{cannot}: it has done {state['epoch']} epochs, more than n_epochs={n_epochs}")
+    try:
         model.load_state_dict(state["state_dict"])
         optimiser.load_state_dict(state["optimiser"])
-    except Exception as error:
-        raise InputError(f"{path} cannot be resumed: {str(error).splitlines()[0]}") from None
-    return state["epoch"], state["history"]
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise InputError(f"{cannot}: {str(error).splitlines()[0]}") from None
+    changed = [f"{k}={v} (was {saved[k]})" for k, v in resume_settings(n_train).items() if k in saved and saved[k] != v]
+    return state["epoch"], state["history"], changed
 
 
 def plot_loss_curves(history, title):
@@ -218,13 +294,32 @@ def plot_loss_curves(history, title):
     return figure
 
 
+def command_to_resume(resume_path):
+    """This run's command line with --resume=resume_path in place of any --resume it had."""
+    args = sys.argv[1:]
+    kept = [a for i, a in enumerate(args) if not a.startswith("--resume") and not (i and args[i - 1] == "--resume")]
+    return shlex.join(["python", sys.argv[0], *kept, f"--resume={resume_path}"])
+
+
+def stop_and_say_how_to_resume(state, resume_path, rank):
+    """Save the state of the last completed epoch, tell how to continue from it and exit with status 130."""
+    if rank == 0:
+        save_torch(state, resume_path)
+        print(f"\nstopped during epoch {state['epoch'] + 1}; the state after epoch {state['epoch']} is saved in "
+              f"{resume_path}\ncontinue with the same command (python or torchrun) and --resume:\n"
+              f"  {command_to_resume(resume_path)}", file=sys.stderr)
+    sys.exit(130)
+
+
 def main():
     settings = apply_overrides(globals())
+    check_settings(int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device = setup_distributed()
     arrays, dataset_settings = load_dataset(dataset_path)
-    train = {k: arrays[k][arrays["split"] == "train"] for k in ("clean", "noisy")}
-    val = {k: arrays[k][arrays["split"] == "val"] for k in ("clean", "noisy", "mask")}
-    check_settings(len(train["clean"]), len(val["clean"]), world_size)
+    train = {"rows": np.flatnonzero(arrays["split"] == "train"), "clean": arrays["clean"], "noisy": arrays["noisy"]}
+    val = {"rows": np.flatnonzero(arrays["split"] == "val"), "clean": arrays["clean"], "noisy": arrays["noisy"]}
+    n_train = len(train["rows"])
+    check_dataset_fits(n_train, len(val["rows"]))
     train_sigma = float(dataset_settings["noise_sigma"])
     train_noise_model = noise_model or dataset_settings["noise_model"]
     if train_noise_model not in ("gaussian", "rician"):
@@ -235,42 +330,55 @@ def main():
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     start_epoch, history = 0, {"epoch": [], "train_mse": [], "val_epoch": [], "val_mse": []}
     if resume:
-        start_epoch, history = load_resume_state(resume, model, optimiser)
+        start_epoch, history, changed = load_resume_state(resume, model, optimiser, n_train)
+        if changed and rank == 0:
+            print(f"warning: resuming {resume} with other settings than it was trained with: {', '.join(changed)}",
+                  file=sys.stderr)
     network = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
     # every process sees the same shuffled order and takes its share of each batch of batch_size
-    sampler = DistributedSampler(TensorDataset(torch.arange(len(train["clean"]))), num_replicas=world_size,
+    sampler = DistributedSampler(TensorDataset(torch.arange(n_train)), num_replicas=world_size,
                                  rank=rank, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(TensorDataset(torch.arange(len(train["clean"]))), batch_size=batch_size // world_size,
+    loader = DataLoader(TensorDataset(torch.arange(n_train)), batch_size=batch_size // world_size,
                         sampler=sampler, drop_last=True)
-    name = run_name(len(train["clean"]))
+    name = run_name(n_train)
     resume_path = os.path.join(models_dir, name + ".resume.pt")
     if rank == 0:
         print(f"{arch} ({count_parameters(model):,} parameters) on {device} x{world_size}, "
-              f"{len(train['clean'])} training and {len(val['clean'])} validation images, "
+              f"{n_train} training and {len(val['rows'])} validation images, "
               f"{train_noise_model} noise sigma "
               + (f"{noise_sigma_range[0]}-{noise_sigma_range[1]}" if noise_sigma_range else f"{train_sigma}"))
 
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # finish the epoch, save, then stop
+    # Ctrl-C or SIGTERM: stop before the next batch and save the state of the last completed epoch
+    stop_requested = []
+    previous_handlers = {number: signal.signal(number, lambda number, frame: stop_requested.append(number))
+                         for number in (signal.SIGINT, signal.SIGTERM)}
+    last_state = training_state(model, optimiser, start_epoch, history, n_train)
+    stopped = False
     started = time.perf_counter()
     progress = tqdm(range(start_epoch, n_epochs), desc=name, disable=rank != 0, initial=start_epoch, total=n_epochs)
-    for epoch in progress:
-        train_mse = train_one_epoch(network, optimiser, loader, epoch, train, train_sigma, train_noise_model,
-                                    device, world_size)
-        history["epoch"].append(epoch + 1)
-        history["train_mse"].append(train_mse)
-        if rank == 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == n_epochs):
-            history["val_epoch"].append(epoch + 1)
-            history["val_mse"].append(validation_mse(model.eval(), val, train_sigma))
-            progress.set_postfix(train_mse=f"{train_mse:.2e}", val_mse=f"{history['val_mse'][-1]:.2e}")
-        last = epoch + 1 == n_epochs
-        if rank == 0 and ((epoch + 1) % checkpoint_every == 0 or interrupted or last):
-            save_torch(training_state(model, optimiser, epoch + 1, history), resume_path)
-        if interrupted and not last:
-            if rank == 0:
-                print(f"\ninterrupted after epoch {epoch + 1}; continue with --resume={resume_path}")
-            sys.exit(130)
+    try:
+        for epoch in progress:
+            train_mse = train_one_epoch(network, optimiser, loader, epoch, train, train_sigma, train_noise_model,
+                                        device, world_size, stop_requested)
+            if train_mse is None:
+                stopped = True
+                break
+            history["epoch"].append(epoch + 1)
+            history["train_mse"].append(train_mse)
+            if rank == 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == n_epochs):
+                history["val_epoch"].append(epoch + 1)
+                history["val_mse"].append(validation_mse(model.eval(), val, train_sigma))
+                progress.set_postfix(train_mse=f"{train_mse:.2e}", val_mse=f"{history['val_mse'][-1]:.2e}")
+            last_state = training_state(model, optimiser, epoch + 1, history, n_train)
+            if rank == 0 and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == n_epochs):
+                save_torch(last_state, resume_path)
+    finally:
+        progress.close()
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
+    if stopped:
+        stop_and_say_how_to_resume(last_state, resume_path, rank)
     seconds = time.perf_counter() - started
     if rank != 0:
         dist.destroy_process_group()
@@ -287,17 +395,19 @@ def main():
         "split": {"train": sorted(set(arrays["slice_index"][arrays["split"] == "train"].tolist())),
                   "val": sorted(set(arrays["slice_index"][arrays["split"] == "val"].tolist())),
                   "test": sorted(set(arrays["slice_index"][arrays["split"] == "test"].tolist()))},
-        "n_epochs": n_epochs, "n_train_images": len(train["clean"]), "training_settings": settings,
+        "split_scans": {name: sorted(set(arrays["scan_index"][arrays["split"] == name].tolist()))
+                        for name in ("train", "val", "test")},
+        "n_epochs": n_epochs, "n_train_images": n_train, "training_settings": settings,
         "history": history, "world_size": world_size, "train_seconds_this_run": seconds,
         "versions": package_versions(),
     }
     model_path = save_torch({"state_dict": model.state_dict(), "metadata": metadata},
                             os.path.join(models_dir, name + ".pt"))
-    title = f"{arch}{output_tag}, {n_epochs} epochs, {len(train['clean'])} images"
+    title = f"{arch}{output_tag}, {n_epochs} epochs, {n_train} images"
     plot_path = save_figure(plot_loss_curves(history, title), os.path.join(plots_dir, f"MSE_vs_Epochs_{name}.png"))
-    examples = np.linspace(0, len(val["clean"]) - 1, 5).astype(int)
-    denoised = denoise_slices(model.eval(), val["noisy"][examples], train_sigma)
-    figure = plot_denoising_grid(val["noisy"][examples], denoised, val["clean"][examples], val["mask"][examples],
+    examples = val["rows"][np.linspace(0, len(val["rows"]) - 1, 5).astype(int)]
+    noisy, clean, mask = (np.asarray(arrays[k][examples]) for k in ("noisy", "clean", "mask"))
+    figure = plot_denoising_grid(noisy, denoise_slices(model.eval(), noisy, train_sigma), clean, mask,
                                  f"{title}: validation slices")
     grid_path = save_figure(figure, os.path.join(examples_dir, f"denoising_5x3_{name}.png"))
     print(f"trained in {seconds:.0f} s; final validation MSE {history['val_mse'][-1]:.3e}")

@@ -1,0 +1,107 @@
+"""Several scans: split by scan, recorded per image; and datasets larger than memory: make_dataset
+holds one scan at a time, train_autoencoder memory-maps the images instead of reading them."""
+import json
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import make_dataset
+import train_autoencoder
+from common import load_npz, save_npz
+from conftest import phantom_volume, run_in_process, write_nifti
+
+
+@pytest.fixture(scope="module")
+def three_scans(tmp_path_factory):
+    """Three tiny 4D scans, the last of another in-plane size, made into one dataset."""
+    folder = tmp_path_factory.mktemp("scans")
+    paths = [write_nifti(folder / "a.nii.gz", phantom_volume((24, 20, 6, 2), seed=1)),
+             write_nifti(folder / "b.nii.gz", phantom_volume((24, 20, 6, 2), seed=2)),
+             write_nifti(folder / "c.nii.gz", phantom_volume((28, 18, 5, 3), seed=3))]
+    dataset = folder / "out" / "three.npz"
+    run_in_process(make_dataset, f"--input_paths={folder / '*.nii.gz'}", f"--output={dataset}", "--target_n_images=1",
+                   "--min_foreground_fraction=0")
+    with np.load(dataset) as archive:
+        return paths, dataset, {k: archive[k] for k in archive.files}
+
+
+def test_three_scans_are_split_by_scan(three_scans):
+    paths, _, arrays = three_scans
+    assert arrays["scan_paths"].tolist() == paths
+    assert json.loads(str(arrays["settings_json"]))["input_paths"] == paths
+    splits_of_scan = {scan: set(arrays["split"][arrays["scan_index"] == scan].tolist()) for scan in range(3)}
+    assert all(len(splits) == 1 for splits in splits_of_scan.values()), splits_of_scan  # no scan in two splits
+    assert {splits.pop() for splits in splits_of_scan.values()} == {"train", "val", "test"}
+    # every kept slice of every time point of every scan, once
+    counts = np.bincount(arrays["scan_index"])
+    assert counts.tolist() == [6 * 2, 6 * 2, 5 * 3]
+
+
+def test_scans_of_another_size_are_padded_not_stretched(three_scans):
+    _, _, arrays = three_scans
+    assert arrays["clean"].shape[1:] == arrays["noisy"].shape[1:] == arrays["mask"].shape[1:] == (28, 20)
+    small, large = arrays["scan_index"] < 2, arrays["scan_index"] == 2
+    for name in ("clean", "noisy", "mask"):  # zero padding, without noise
+        assert not arrays[name][small][:, 24:].any() and not arrays[name][large][:, :, 18:].any()
+    assert arrays["clean"][large][:, 24:, :18].any()
+
+
+def test_no_scratch_files_are_left_behind(three_scans):
+    _, dataset, _ = three_scans
+    assert os.listdir(dataset.parent) == ["three.npz"]
+
+
+def test_a_slice_positions_noise_does_not_depend_on_the_other_scans(three_scans, tmp_path):
+    paths, _, arrays = three_scans
+    alone = tmp_path / "alone.npz"
+    run_in_process(make_dataset, f"--input_paths={paths[0]}", f"--output={alone}", "--target_n_images=1",
+                   "--min_foreground_fraction=0")
+    with np.load(alone) as archive:
+        noise_alone = archive["noisy"] - archive["clean"]
+    first = arrays["scan_index"] == 0
+    assert np.array_equal(noise_alone, (arrays["noisy"] - arrays["clean"])[first][:, :24, :20])
+
+
+def test_images_are_memory_mapped_not_read(tmp_path):
+    n_images, shape = 300, (64, 64)  # 4.9 MB of clean and of noisy images
+    rng = np.random.default_rng(0)
+    clean = rng.random((n_images, *shape), dtype=np.float32)
+    path = save_npz(tmp_path / "big.npz", {"clean": clean, "noisy": clean + 0.1, "mask": clean > 0.5,
+                                           "split": np.array(["train", "val", "test"] * 100),
+                                           "scan_index": np.zeros(n_images, dtype=int),
+                                           "slice_index": np.arange(n_images),
+                                           "settings_json": np.array("{}")})
+    tracemalloc.start()
+    arrays, _ = train_autoencoder.load_dataset(path)
+    image = np.array(arrays["noisy"][123])
+    peak_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak_bytes < 200_000
+    assert isinstance(arrays["clean"], np.memmap)
+    np.testing.assert_array_equal(image, clean[123] + 0.1)
+    np.testing.assert_array_equal(arrays["mask"], clean > 0.5)
+
+
+def test_training_on_the_memory_mapped_file_equals_training_on_arrays_in_memory(three_scans, tmp_path):
+    """A compressed .npz cannot be memory-mapped and is read into memory: both ways must train alike."""
+    _, dataset, arrays = three_scans
+    assert {type(a) for a in load_npz(dataset, mapped=("clean",)).values()} == {np.ndarray, np.memmap}
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, **arrays)
+    assert all(type(a) is np.ndarray for a in load_npz(compressed, mapped=("clean", "noisy", "mask")).values())
+    results = []
+    for name, path in (("mapped", dataset), ("in_memory", compressed)):
+        folder = tmp_path / name
+        run_in_process(train_autoencoder, f"--dataset_path={path}", "--n_epochs=2", "--batch_size=4",
+                       f"--models_dir={folder}", f"--plots_dir={folder}", f"--examples_dir={folder}")
+        (model_path,) = folder.glob("*images.pt")
+        results.append(torch.load(model_path, weights_only=True))
+    mapped, in_memory = results
+    assert mapped["metadata"]["history"] == in_memory["metadata"]["history"]
+    for name, weights in mapped["state_dict"].items():
+        assert torch.equal(weights, in_memory["state_dict"][name]), name
+    assert mapped["metadata"]["split_scans"] == {k: [s] for k, s in zip(
+        ("train", "val", "test"), [int(arrays["scan_index"][arrays["split"] == k][0]) for k in ("train", "val", "test")])}

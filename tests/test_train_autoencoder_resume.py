@@ -1,0 +1,185 @@
+"""Reliable training: resuming gives the run an uninterrupted one would have given, Ctrl-C saves a
+resumable state, bad resume files and bad settings stop with one clear line, and the same seed and
+settings give the same dataset bytes and the same loss history."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import make_dataset
+import train_autoencoder
+from common import InputError, load_checkpoint
+from conftest import SCRIPTS, phantom_volume, run_in_process, run_script, write_nifti
+
+TRAIN_IMAGES = 12  # 4 training slice positions x 3 time points
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """18 pairs of 24x20 slices: 6 slice positions of a 3-volume scan, 4 of them for training."""
+    folder = tmp_path_factory.mktemp("data")
+    scan = write_nifti(folder / "tiny.nii.gz", phantom_volume((24, 20, 8, 3)))
+    dataset = folder / "tiny.npz"
+    run_in_process(make_dataset, f"--input_paths={scan}", f"--output={dataset}", "--slice_range=1,7",
+                   "--target_n_images=1")
+    return dataset
+
+
+def train_args(folder, dataset, n_epochs, *overrides):
+    return [f"--dataset_path={dataset}", f"--n_epochs={n_epochs}", "--batch_size=4", "--patch_size=16",
+            "--augment", f"--models_dir={folder}", f"--plots_dir={folder}", f"--examples_dir={folder}", *overrides]
+
+
+def run_name(n_epochs):
+    return f"autoencoder_seed_{n_epochs}epochs_{TRAIN_IMAGES}images"
+
+
+def trained(folder, n_epochs):
+    """(state_dict, history) of a finished run."""
+    checkpoint = torch.load(folder / f"{run_name(n_epochs)}.pt", weights_only=True)
+    return checkpoint["state_dict"], checkpoint["metadata"]["history"]
+
+
+def assert_same_weights(first, second):
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    run_in_process(train_autoencoder, *train_args(folder, tiny_dataset, 4))
+    return folder
+
+
+def test_resuming_after_2_of_4_epochs_gives_the_uninterrupted_run(tiny_dataset, uninterrupted, tmp_path):
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2))
+    state = tmp_path / f"{run_name(2)}.resume.pt"
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 4, f"--resume={state}"))
+    weights, history = trained(tmp_path, 4)
+    expected_weights, expected_history = trained(uninterrupted, 4)
+    assert_same_weights(weights, expected_weights)
+    assert history == expected_history
+    assert history["epoch"] == [1, 2, 3, 4]
+
+
+def test_same_seed_gives_the_same_dataset_bytes_and_loss_history(tiny_dataset, uninterrupted, tmp_path):
+    # a fresh interpreter for the second run: nothing may depend on the process (hash seeds, import order)
+    scan = tiny_dataset.parent / "tiny.nii.gz"
+    dataset = tmp_path / "again.npz"
+    make_args = [f"--input_paths={scan}", f"--output={dataset}", "--slice_range=1,7", "--target_n_images=1"]
+    run_in_process(make_dataset, *make_args)
+    first_bytes = dataset.read_bytes()
+    run_script("make_dataset", *make_args)
+    assert dataset.read_bytes() == first_bytes
+    run_script("train_autoencoder", *train_args(tmp_path, dataset, 4))
+    weights, history = trained(tmp_path, 4)
+    expected_weights, expected_history = trained(uninterrupted, 4)
+    assert history["train_mse"] == expected_history["train_mse"]
+    assert history["val_mse"] == expected_history["val_mse"]
+    assert_same_weights(weights, expected_weights)
+
+
+def test_ctrl_c_saves_a_resumable_state_and_says_how_to_resume(tiny_dataset, tmp_path):
+    args = train_args(tmp_path, tiny_dataset, 100000, "--checkpoint_every=1", "--val_every=1000")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "train_autoencoder.py"), *args],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / f"{run_name(100000)}.resume.pt"
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first checkpoint: training is under way and the handler is in place
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert f"--resume={state}" in stderr
+    assert "Traceback" not in stderr
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # written atomically
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] >= 1 and saved["history"]["epoch"] == list(range(1, saved["epoch"] + 1))
+    # the state it saved continues
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, saved["epoch"] + 1, f"--resume={state}"))
+    assert trained(tmp_path, saved["epoch"] + 1)[1]["epoch"] == list(range(1, saved["epoch"] + 2))
+
+
+def resume_error(tmp_path, dataset, state_path, *overrides):
+    with pytest.raises(InputError) as error:
+        run_in_process(train_autoencoder, *train_args(tmp_path, dataset, 4, f"--resume={state_path}", *overrides))
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_resume_files_give_one_clear_line(tiny_dataset, uninterrupted, tmp_path):
+    good = uninterrupted / f"{run_name(4)}.resume.pt"
+    truncated = tmp_path / "truncated.resume.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    assert "truncated" in resume_error(tmp_path, tiny_dataset, truncated)
+    text = tmp_path / "notes.resume.pt"
+    text.write_text("not a checkpoint\n")
+    assert "not a readable PyTorch file" in resume_error(tmp_path, tiny_dataset, text)
+    assert "a trained model, not a resume state" in resume_error(tmp_path, tiny_dataset, uninterrupted / f"{run_name(4)}.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    assert "not a resume state" in resume_error(tmp_path, tiny_dataset, foreign)
+    assert "arch=seed" in resume_error(tmp_path, tiny_dataset, good, "--arch=dncnn")
+    assert "no such resume checkpoint" in resume_error(tmp_path, tiny_dataset, tmp_path / "missing.resume.pt")
+
+
+def test_a_checkpoint_format_mismatch_is_named(tiny_dataset, uninterrupted, tmp_path):
+    state = torch.load(uninterrupted / f"{run_name(4)}.resume.pt", weights_only=True)
+    state["format_version"] = 0
+    torch.save(state, tmp_path / "old.resume.pt")
+    message = resume_error(tmp_path, tiny_dataset, tmp_path / "old.resume.pt")
+    assert "format 0" in message and f"format {train_autoencoder.CHECKPOINT_FORMAT}" in message
+    checkpoint = torch.load(uninterrupted / f"{run_name(4)}.pt", weights_only=True)
+    checkpoint["metadata"]["format_version"] = 0
+    torch.save(checkpoint, tmp_path / "old.pt")
+    with pytest.raises(InputError, match="checkpoint format 0; this code reads format"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_every_torch_load_is_weights_only():
+    for name in os.listdir(SCRIPTS):
+        if name.endswith(".py"):
+            with open(os.path.join(SCRIPTS, name)) as f:
+                for line in f:
+                    assert "torch.load(" not in line or "weights_only=True" in line, f"{name}: {line.strip()}"
+
+
+def fail(*args, **kwargs):
+    raise AssertionError("work started before the settings were checked")
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("train", ["--n_epochs=-1"], "n_epochs=-1"),
+    ("train", ["--batch_size=0"], "batch_size=0"),
+    ("train", ["--noise_sigma_range=-0.1,0.1"], "noise_sigma_range=[-0.1, 0.1]"),
+    ("train", ["--arch=nonsense"], "arch='nonsense'"),
+    ("train", ["--batch_size=16"], f"{TRAIN_IMAGES} training images, fewer than batch_size=16"),
+    ("make", ["--noise_sigma=-0.01"], "noise_sigma=-0.01"),
+    ("make", ["--val_fraction=0.5", "--test_fraction=0.5"], "val_fraction=0.5"),
+    ("make", ["--slice_range=1,3"], "2 slice positions cannot be split into non-empty train, val and test"),
+])
+def test_bad_settings_stop_before_any_work_and_name_the_setting(tiny_dataset, tmp_path, monkeypatch, script, args,
+                                                                  expected):
+    if script == "train":
+        if "batch_size=16" not in args[0]:  # settings that need no data are checked before it is read
+            monkeypatch.setattr(train_autoencoder, "load_dataset", fail)
+        monkeypatch.setattr(train_autoencoder, "train_one_epoch", fail)
+        module, args = train_autoencoder, train_args(tmp_path, tiny_dataset, 4, *args)
+    else:
+        monkeypatch.setattr(make_dataset, "load_nifti", fail)
+        scan = tiny_dataset.parent / "tiny.nii.gz"
+        module, args = make_dataset, [f"--input_paths={scan}", f"--output={tmp_path / 'x.npz'}", *args]
+    with pytest.raises(InputError) as error:
+        run_in_process(module, *args)
+    assert expected in str(error.value)
+    assert not os.listdir(tmp_path)  # nothing written
