@@ -122,7 +122,7 @@ def load_nifti(path):
     path = str(path)
     check_file_exists(path)
     try:
-        image = nib.load(path)
+        image = nib.load(path, keep_file_open=True)  # one handle: the chunked read below never re-decompresses
     except Exception as error:  # nibabel raises many types for a file that is not an image
         raise InputError(f"{path} is not a NIfTI file ({type(error).__name__}: {error})".splitlines()[0]) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -135,14 +135,30 @@ def load_nifti(path):
     if min(shape) == 0:
         raise InputError(f"{path} is empty: shape {tuple(image.shape)}")
     try:
-        data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+        data, n_not_finite = read_float32(image)
     except (EOFError, OSError, zlib.error, ValueError) as error:
         raise InputError(f"{path} could not be read, the file may be truncated ({type(error).__name__}: {error})") from None
-    if not np.all(np.isfinite(data)):
-        raise InputError(f"{path} contains {int(np.size(data) - np.isfinite(data).sum())} NaN or Inf values")
+    data = data.reshape(shape)
+    if n_not_finite:
+        raise InputError(f"{path} contains {n_not_finite} NaN or Inf values")
     if not np.any(data):
         raise InputError(f"{path} is empty: every voxel is zero")
     return image, data
+
+
+def read_float32(image, chunk_bytes=8 * 2**20):
+    """(voxels as a float32 array in the file's (Fortran) order, number of NaN or Inf values), read a few
+    volumes at a time: reading all at once makes nibabel hold a second full-size copy (the raw or
+    decompressed bytes) next to the float32 result."""
+    data = np.empty(image.shape, dtype=np.float32, order="F")
+    n_last = image.shape[-1]
+    step = max(1, chunk_bytes // max(1, data[..., 0].nbytes))
+    n_not_finite = 0
+    for start in range(0, n_last, step):
+        chunk = data[..., start:start + step]
+        chunk[...] = image.dataobj[..., start:start + step]
+        n_not_finite += chunk.size - int(np.count_nonzero(np.isfinite(chunk)))
+    return data, n_not_finite
 
 
 def atomic_write(path, write):
@@ -317,7 +333,10 @@ def load_checkpoint(path):
     path = str(path)
     check_file_exists(path, "checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # checkpoints written before package_versions() stored str(torch.__version__) hold a TorchVersion,
+        # a plain str subclass: safe to allow
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise InputError(f"{path} is not a readable PyTorch checkpoint, it may be truncated or "
                          f"of another kind ({type(error).__name__})") from None

@@ -28,7 +28,7 @@ dtype = "float32"        # "float32", or "input" for the input's own data type
 noise_sigma = 0.0        # noise sigma of the input on the [0, 1] scale; 0 = estimate it from the image
 overwrite = False        # allow replacing an existing output file (never the input)
 report = False           # also write OUTPUT_report.png: before / after / removed noise, and tSNR for 4D
-batch_size = 64          # slices per forward pass
+batch_size = 16          # slices per forward pass; larger batches are no faster on a CPU and cost memory
 # ---
 
 
@@ -91,7 +91,8 @@ def check_paths():
 def robust_range(data, low_percentile, high_percentile, max_samples=2_000_000):
     """Normalisation range of a large array from an even subsample, to bound time and memory."""
     step = max(1, data.size // max_samples)
-    return percentile_range(data.reshape(-1)[::step], low_percentile, high_percentile)
+    # ravel in memory order: NIfTI data is Fortran-ordered, and reshape(-1) would copy all of it
+    return percentile_range(data.ravel(order="K")[::step], low_percentile, high_percentile)
 
 
 def slices_view(data):
@@ -212,7 +213,7 @@ def denoise_nifti(model, metadata):
         print(f"warning: noise sigma {sigma:.4f} lies outside what {os.path.basename(model_path)} was trained for "
               f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
               "expect under- or over-smoothing")
-    denoised = np.empty_like(data)
+    denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, view, slices_view(denoised), low, high, sigma)
     model_name = os.path.basename(model_path)
     result = output_image(image, denoised, model_name)

@@ -1,7 +1,12 @@
-"""common.apply_overrides: --name=value arguments become settings of the right type."""
+"""common.py: --name=value arguments become settings of the right type; NIfTIs are read in chunks."""
+import nibabel as nib
+import numpy as np
 import pytest
 
-from common import InputError, apply_overrides
+import torch
+
+from common import InputError, apply_overrides, load_checkpoint, load_nifti, read_float32
+from models import CHECKPOINT_FORMAT, build_model
 
 
 def script_settings():
@@ -66,3 +71,35 @@ def test_bad_overrides_are_errors(argv, message):
     with pytest.raises(InputError, match=message.replace("[", r"\[").replace(".", r"\.")):
         apply_overrides(settings, argv)
     assert settings["n_epochs"] == 10
+
+
+@pytest.mark.parametrize("shape", [(9, 7, 5), (9, 7, 5, 6)])
+def test_chunked_read_equals_reading_at_once(tmp_path, shape):
+    values = np.random.default_rng(0).normal(100, 30, shape)
+    image = nib.Nifti1Image(values, np.eye(4))
+    image.header.set_data_dtype(np.int16)  # stored scaled: each chunk must be scaled like the whole
+    nib.save(image, str(tmp_path / "scan.nii.gz"))
+    loaded = nib.load(tmp_path / "scan.nii.gz", keep_file_open=True)
+    data, n_not_finite = read_float32(loaded, chunk_bytes=2 * 9 * 7 * 4)  # a few slices per chunk, a ragged last one
+    assert data.dtype == np.float32 and n_not_finite == 0
+    np.testing.assert_array_equal(data, np.asarray(nib.load(tmp_path / "scan.nii.gz").dataobj, dtype=np.float32))
+    np.testing.assert_allclose(data, values, atol=0.01)
+
+
+def test_load_nifti_counts_every_nan_and_inf(tmp_path):
+    values = np.ones((6, 5, 4, 3), dtype=np.float32)
+    values[0, 0, 0, 0] = values[5, 4, 3, 2] = np.nan
+    values[2, 2, 2, 1] = -np.inf
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(tmp_path / "scan.nii"))
+    with pytest.raises(InputError, match="contains 3 NaN or Inf values"):
+        load_nifti(tmp_path / "scan.nii")
+
+
+def test_checkpoints_that_hold_a_torch_version_object_load(tmp_path):
+    """Checkpoints saved before package_versions() applied str() hold torch.__version__ itself."""
+    metadata = {"format_version": CHECKPOINT_FORMAT, "arch": "seed", "arch_args": {},
+                "versions": {"torch": torch.__version__}}
+    assert type(metadata["versions"]["torch"]) is not str
+    torch.save({"state_dict": build_model("seed").state_dict(), "metadata": metadata}, tmp_path / "old.pt")
+    model, loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded["versions"]["torch"] == torch.__version__ and not model.training
