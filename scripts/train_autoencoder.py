@@ -22,7 +22,8 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from common import (InputError, add_noise, apply_overrides, atomic_write, check_file_exists, denoise_slices,
-                    load_npz, package_versions, pick_device, plot_denoising_grid, run_main, save_figure)
+                    load_npz, neighbor2neighbor_loss, package_versions, pick_device, plot_denoising_grid, run_main,
+                    save_figure)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
 
 # --- settings: edit here, or override on the command line: --n_epochs=100 --arch=unet
@@ -37,6 +38,9 @@ seed = 0
 fresh_noise = True             # draw new noise every epoch; False reuses the fixed noise in the .npz
 noise_model = ""               # "gaussian" or "rician"; "" = the dataset's
 noise_sigma_range = []         # train over sigmas drawn from [low, high] (a blind model); [] = the dataset's sigma
+training_target = "clean"     # "clean" (supervised); "time_partner": the same slice at a neighbouring time
+                               # point with its own noise (Noise2Noise, make_dataset --pairing=time);
+                               # "neighbor2neighbor": the noisy image itself, self-supervised (no clean image)
 patch_size = 0                 # train on random square patches of this size; 0 = whole slices
 augment = False                # random flips, and 90-degree rotations when patches are square
 val_every = 1                  # epochs between validation passes
@@ -73,6 +77,8 @@ def check_settings(world_size):
         problems.append(f"lr_schedule={lr_schedule!r}; expected 'constant' or 'cosine'")
     if noise_sigma_range and (len(noise_sigma_range) != 2 or not 0 <= noise_sigma_range[0] <= noise_sigma_range[1]):
         problems.append(f"noise_sigma_range={noise_sigma_range}; expected low,high with 0 <= low <= high")
+    if training_target not in ("clean", "time_partner", "neighbor2neighbor"):
+        problems.append(f"training_target={training_target!r}; expected 'clean', 'time_partner' or 'neighbor2neighbor'")
     if patch_size < 0:
         problems.append(f"patch_size={patch_size}; expected 0 (whole slices) or a size in pixels")
     if val_every < 1 or checkpoint_every < 1:
@@ -92,6 +98,17 @@ def check_dataset_fits(n_train, n_val):
         raise InputError("; ".join(problems))
 
 
+def training_rows(arrays):
+    """Rows of the training images; for Noise2Noise only those with a time partner."""
+    is_train = arrays["split"] == "train"
+    if training_target != "time_partner":
+        return np.flatnonzero(is_train)
+    if arrays["partner_index"] is None or not np.any(arrays["partner_index"][is_train] >= 0):
+        raise InputError(f"training_target=time_partner needs time pairs: make {dataset_path} with "
+                         "make_dataset.py --pairing=time from a 4D scan")
+    return np.flatnonzero(is_train & (arrays["partner_index"] >= 0))
+
+
 def load_dataset(path):
     """The .npz arrays a run needs and the settings that made them. The images (clean, noisy, mask:
     (n, X, Y)) are memory-mapped: an image is read from disk when a batch needs it."""
@@ -99,7 +116,7 @@ def load_dataset(path):
     try:
         arrays = load_npz(path, mapped=("clean", "noisy", "mask"))
         arrays = {k: arrays[k] for k in ("clean", "noisy", "mask", "split", "slice_index", "scan_index",
-                                         "settings_json")}
+                                         "settings_json")} | {"partner_index": arrays.get("partner_index")}
         dataset_settings = json.loads(str(arrays.pop("settings_json")))
     except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise InputError(f"{path} is not a dataset made by make_dataset.py ({error})") from None
@@ -130,41 +147,56 @@ def sample_rng(epoch, index):
     return np.random.default_rng([seed, epoch, index])
 
 
-def make_training_pair(clean, fixed_noisy, epoch, index, train_sigma, train_noise_model):
-    """(noisy input, clean target, sigma) for one image: a random patch, flips/rotations, fresh noise."""
+def make_training_pair(images, epoch, index, train_sigma, train_noise_model):
+    """(noisy input, target, sigma) for one image from images = [clean, fixed noisy] (plus [partner clean,
+    partner fixed noisy] for Noise2Noise): a random patch, flips/rotations, fresh noise. The target is the
+    clean image, or the partner with its own noise, or (neighbor2neighbor) the noisy input itself."""
     rng = sample_rng(epoch, index)
     if patch_size:
-        height, width = clean.shape
+        height, width = images[0].shape
         size_h, size_w = min(patch_size, height), min(patch_size, width)
         top, left = rng.integers(0, height - size_h + 1), rng.integers(0, width - size_w + 1)
-        clean = clean[top:top + size_h, left:left + size_w]
-        fixed_noisy = fixed_noisy[top:top + size_h, left:left + size_w]
+        images = [image[top:top + size_h, left:left + size_w] for image in images]
     sigma = rng.uniform(*noise_sigma_range) if noise_sigma_range else train_sigma
-    if fresh_noise:
-        draws = rng.standard_normal((2, *clean.shape), dtype=np.float32)
-        noisy = add_noise(clean, sigma, train_noise_model, draws)
+    if fresh_noise:  # on a real series without synthetic noise (sigma 0) this leaves the images as they are
+        noisy_images = [add_noise(clean, sigma, train_noise_model, rng.standard_normal((2, *clean.shape), dtype=np.float32))
+                        for clean in images[0::2]]
     else:
-        noisy = fixed_noisy
+        noisy_images = images[1::2]
+    noisy = noisy_images[0]
+    target = {"clean": images[0], "time_partner": noisy_images[-1], "neighbor2neighbor": noisy}[training_target]
     if augment:
         if rng.random() < 0.5:
-            clean, noisy = clean[::-1], noisy[::-1]
+            target, noisy = target[::-1], noisy[::-1]
         if rng.random() < 0.5:
-            clean, noisy = clean[:, ::-1], noisy[:, ::-1]
-        n_turns = rng.integers(4) if clean.shape[0] == clean.shape[1] else 2 * rng.integers(2)
-        clean, noisy = np.rot90(clean, n_turns), np.rot90(noisy, n_turns)
-    return np.ascontiguousarray(noisy, dtype=np.float32), np.ascontiguousarray(clean, dtype=np.float32), sigma
+            target, noisy = target[:, ::-1], noisy[:, ::-1]
+        n_turns = rng.integers(4) if noisy.shape[0] == noisy.shape[1] else 2 * rng.integers(2)
+        target, noisy = np.rot90(target, n_turns), np.rot90(noisy, n_turns)
+    return np.ascontiguousarray(noisy, dtype=np.float32), np.ascontiguousarray(target, dtype=np.float32), sigma
 
 
 def make_batch(indices, epoch, train, train_sigma, train_noise_model, device):
     """The training pairs of the training images `indices` (0 .. n_train - 1), read from the dataset's rows."""
     rows = train["rows"][indices.numpy()]
-    pairs = [make_training_pair(np.asarray(train["clean"][row]), np.asarray(train["noisy"][row]), epoch, i,
-                                train_sigma, train_noise_model)
-             for i, row in zip(indices.tolist(), rows.tolist())]
+    pairs = []
+    for i, row in zip(indices.tolist(), rows.tolist()):
+        images = [np.asarray(train["clean"][row]), np.asarray(train["noisy"][row])]
+        if training_target == "time_partner":
+            partner = train["partner_index"][row]
+            images += [np.asarray(train["clean"][partner]), np.asarray(train["noisy"][partner])]
+        pairs.append(make_training_pair(images, epoch, i, train_sigma, train_noise_model))
     noisy = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
-    clean = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).to(device)
+    target = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).to(device)
     sigma = torch.tensor([p[2] for p in pairs], dtype=torch.float32, device=device)
-    return noisy.contiguous(memory_format=torch.channels_last), clean, sigma
+    return noisy.contiguous(memory_format=torch.channels_last), target, sigma
+
+
+def training_loss(model, noisy, target, sigma, epoch, first_index):
+    """Mean squared error against the target, or the self-supervised Neighbor2Neighbor loss."""
+    if training_target != "neighbor2neighbor":
+        return torch.mean((model(noisy, sigma) - target) ** 2)
+    generator = torch.Generator().manual_seed(int(sample_rng(epoch, first_index).integers(2 ** 62)))
+    return neighbor2neighbor_loss(model, noisy, sigma, generator)
 
 
 def learning_rate_at(epoch):
@@ -195,8 +227,8 @@ def train_one_epoch(model, optimiser, loader, epoch, train, train_sigma, train_n
     for (indices,) in loader:
         if stop_requested_everywhere(stop_requested, world_size, device):
             return None
-        noisy, clean, sigma = make_batch(indices, epoch, train, train_sigma, train_noise_model, device)
-        loss = torch.mean((model(noisy, sigma) - clean) ** 2)
+        noisy, target, sigma = make_batch(indices, epoch, train, train_sigma, train_noise_model, device)
+        loss = training_loss(model, noisy, target, sigma, epoch, int(indices[0]))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -227,7 +259,7 @@ def resume_settings(n_train):
     return {"arch": arch, "arch_args": arch_args, "seed": seed, "batch_size": batch_size,
             "learning_rate": learning_rate, "lr_schedule": lr_schedule, "fresh_noise": fresh_noise,
             "noise_model": noise_model, "noise_sigma_range": list(noise_sigma_range), "patch_size": patch_size,
-            "augment": augment, "n_train_images": n_train}
+            "augment": augment, "training_target": training_target, "n_train_images": n_train}
 
 
 def training_state(model, optimiser, epoch, history, n_train):
@@ -316,7 +348,8 @@ def main():
     check_settings(int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device = setup_distributed()
     arrays, dataset_settings = load_dataset(dataset_path)
-    train = {"rows": np.flatnonzero(arrays["split"] == "train"), "clean": arrays["clean"], "noisy": arrays["noisy"]}
+    train = {"rows": training_rows(arrays), "clean": arrays["clean"], "noisy": arrays["noisy"],
+             "partner_index": arrays["partner_index"]}
     val = {"rows": np.flatnonzero(arrays["split"] == "val"), "clean": arrays["clean"], "noisy": arrays["noisy"]}
     n_train = len(train["rows"])
     check_dataset_fits(n_train, len(val["rows"]))
@@ -387,7 +420,7 @@ def main():
     metadata = {
         "format_version": CHECKPOINT_FORMAT, "arch": arch, "arch_args": arch_args,
         "n_parameters": count_parameters(model), "noise_map": uses_noise_map(model),
-        "noise_model": train_noise_model, "noise_sigma": train_sigma,
+        "noise_model": train_noise_model, "noise_sigma": train_sigma, "training_target": training_target,
         "noise_sigma_range": list(noise_sigma_range) or [train_sigma, train_sigma],
         "normalisation": {"method": "percentile", "low_percentile": dataset_settings["low_percentile"],
                           "high_percentile": dataset_settings["high_percentile"]},
