@@ -10,15 +10,14 @@ import time
 import nibabel as nib
 import numpy as np
 import torch
-from skimage.restoration import estimate_sigma
 from tqdm import tqdm
 
-from common import (InputError, apply_overrides, atomic_write, check_file_exists, denoise_slices, foreground_mask,
-                    image_metrics, load_checkpoint, load_nifti, normalise, percentile_range, plot_denoising_grid,
-                    run_main, save_figure, save_json, summarise_metrics)
+from common import (InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists, denoise_slices,
+                    estimate_noise_sigma, foreground_mask, image_metrics, load_checkpoint, load_nifti, normalise,
+                    percentile_range, plot_denoising_grid, run_main, save_figure, save_json, summarise_metrics)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
-model_path = "trained_models/autoencoder_seed_100epochs_672images.pt"
+model_path = "trained_models/autoencoder_unet_blind_150epochs_672images.pt"
 dataset_path = "data/mri_denoising.npz"   # evaluation mode: its test split
 examples_dir = "denoising_examples"
 input_path = ""          # a 3D or 4D NIfTI to denoise (--input); empty = evaluation mode
@@ -28,6 +27,8 @@ dtype = "float32"        # "float32", or "input" for the input's own data type
 noise_sigma = 0.0        # noise sigma of the input on the [0, 1] scale; 0 = estimate it from the image
 overwrite = False        # allow replacing an existing output file (never the input)
 report = False           # also write OUTPUT_report.png: before / after / removed noise, and tSNR for 4D
+adapt_steps = 0          # > 0: first fine-tune the network on this input's own noisy slices (self-supervised)
+adapt_seconds = 45.0     # time budget of that adaptation
 batch_size = 16          # slices per forward pass; larger batches are no faster on a CPU and cost memory
 # ---
 
@@ -84,6 +85,8 @@ def check_paths():
         raise InputError(f"axis={axis}; expected 0, 1 or 2")
     if dtype not in ("float32", "input"):
         raise InputError(f"dtype={dtype!r}; expected 'float32' or 'input'")
+    if adapt_steps < 0 or adapt_seconds <= 0:
+        raise InputError(f"adapt_steps={adapt_steps}, adapt_seconds={adapt_seconds}; expected 0 or more steps and above 0 seconds")
     if noise_sigma < 0:
         raise InputError(f"noise_sigma={noise_sigma}; expected 0 (estimate) or above")
 
@@ -101,13 +104,20 @@ def slices_view(data):
     return np.moveaxis(volumes, axis, 2)
 
 
-def estimate_noise_sigma(view, low, high, n_samples=24):
-    """Median over a spread of slices of scikit-image's wavelet estimate, on the [0, 1] scale."""
+def sample_slices(view, low, high, n_samples):
+    """Up to n_samples normalised slices spread evenly over the slices and volumes of `view`: (n, A, B)."""
     n_slices, n_volumes = view.shape[2:]
     picks = np.linspace(0, n_slices * n_volumes - 1, min(n_samples, n_slices * n_volumes)).astype(int)
-    estimates = [estimate_sigma(normalise(view[:, :, k % n_slices, k // n_slices], low, high, clip=False))
-                 for k in picks]
-    return float(np.median(estimates))
+    return np.stack([normalise(view[:, :, k % n_slices, k // n_slices], low, high, clip=False) for k in picks])
+
+
+def adapt_model(model, view, low, high, sigma):
+    """The network fine-tuned on this input's own slices, or the original when that does not help."""
+    adapted, info = adapt_to_slices(model, sample_slices(view, low, high, 64), sigma, adapt_steps, adapt_seconds)
+    verdict = "kept" if info["kept"] else "discarded: no clear gain on held-out pixels, using the trained network"
+    print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s, held-out self-supervised error "
+          f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e}; {verdict}")
+    return adapted
 
 
 def trained_sigma_range(metadata):
@@ -203,7 +213,7 @@ def denoise_nifti(model, metadata):
     norm = metadata["normalisation"]
     low, high = robust_range(data, norm["low_percentile"], norm["high_percentile"])
     view = slices_view(data)
-    estimated = estimate_noise_sigma(view, low, high)
+    estimated = estimate_noise_sigma(sample_slices(view, low, high, 24))
     sigma = noise_sigma or estimated
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
           f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale"
@@ -213,6 +223,8 @@ def denoise_nifti(model, metadata):
         print(f"warning: noise sigma {sigma:.4f} lies outside what {os.path.basename(model_path)} was trained for "
               f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
               "expect under- or over-smoothing")
+    if adapt_steps > 0:
+        model = adapt_model(model, view, low, high, sigma)
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, view, slices_view(denoised), low, high, sigma)
     model_name = os.path.basename(model_path)
