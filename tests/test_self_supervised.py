@@ -1,0 +1,114 @@
+"""Self-supervision: time pairs never cross a split, Neighbor2Neighbor never shows the network a target
+pixel, both training targets run end to end, and use-time adaptation improves a poorly matched network."""
+import numpy as np
+import pytest
+import torch
+
+from common import add_noise, adapt_to_slices, denoise_slices, neighbour_subsample, neighbor2neighbor_loss
+from conftest import phantom_volume, run_script, write_nifti
+from models import build_model
+
+
+@pytest.fixture(scope="module")
+def paired_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    scan = write_nifti(folder / "series.nii.gz", phantom_volume((32, 28, 12, 4)))
+    dataset = folder / "pairs.npz"
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={dataset}", "--pairing=time",
+               "--target_n_images=200")
+    return dataset
+
+
+def test_time_pairs_join_the_same_slice_at_another_time_and_never_cross_a_split(paired_dataset):
+    with np.load(paired_dataset) as archive:
+        partner = archive["partner_index"]
+        has_partner = partner >= 0
+        assert has_partner.mean() > 0.9  # a static phantom: almost every pair passes the difference guard
+        rows, partners = np.flatnonzero(has_partner), partner[has_partner]
+        assert np.all(archive["split"][rows] == archive["split"][partners])
+        assert np.all(archive["slice_index"][rows] == archive["slice_index"][partners])
+        assert np.all(archive["time_index"][rows] != archive["time_index"][partners])
+
+
+def test_pairs_that_differ_far_beyond_the_noise_are_dropped(tmp_path):
+    series = phantom_volume((32, 28, 12, 4))
+    series[..., 2:] = np.roll(series[..., 2:], 6, axis=0)  # the head moves between volumes 1 and 2
+    scan = write_nifti(tmp_path / "moving.nii.gz", series)
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={tmp_path / 'pairs.npz'}", "--pairing=time",
+               "--target_n_images=200")
+    with np.load(tmp_path / "pairs.npz") as archive:
+        partner, time_index = archive["partner_index"], archive["time_index"]
+        crossing = (partner >= 0) & (time_index == 1) & (time_index[np.maximum(partner, 0)] == 2)
+        assert not crossing.any()
+        assert np.any((partner >= 0) & (time_index == 0))  # static pairs are kept
+
+
+def test_neighbour_subsampling_takes_two_different_adjacent_pixels_of_each_cell():
+    positions = torch.arange(16 * 12, dtype=torch.float32).reshape(1, 1, 16, 12)
+    choice = torch.randint(8, (1, 1, 8, 6), generator=torch.Generator().manual_seed(0))
+    first, second = neighbour_subsample(positions, choice)
+    rows_first, cols_first = first // 12, first % 12
+    rows_second, cols_second = second // 12, second % 12
+    assert torch.all(first != second)
+    assert torch.all((rows_first // 2 == rows_second // 2) & (cols_first // 2 == cols_second // 2))  # same cell
+    assert torch.all((rows_first - rows_second).abs() + (cols_first - cols_second).abs() == 1)  # adjacent
+
+
+def test_the_network_input_never_holds_a_target_pixel():
+    """Changing the pixels the loss uses as targets must not change what the network sees."""
+    torch.manual_seed(0)
+    seen = []
+    model = lambda x, sigma: (seen.append(x.clone()), x)[1]  # records its inputs
+    noisy = torch.rand(2, 1, 16, 16)
+    neighbor2neighbor_loss(model, noisy, None, torch.Generator().manual_seed(3))
+    choice = torch.randint(8, (2, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    _, targets = neighbour_subsample(torch.arange(512.0).reshape(2, 1, 16, 16), choice)
+    changed = noisy.clone().reshape(-1)
+    changed[targets.long().reshape(-1)] += 100.0  # only the target pixels change
+    seen_after = []
+    model_after = lambda x, sigma: (seen_after.append(x.clone()), x)[1]
+    neighbor2neighbor_loss(model_after, changed.reshape(2, 1, 16, 16), None, torch.Generator().manual_seed(3))
+    assert torch.equal(seen[0], seen_after[0])  # the sub-image the loss trains on is untouched
+
+
+@pytest.mark.parametrize("target", ["time_partner", "neighbor2neighbor"])
+def test_self_supervised_training_runs_and_learns(paired_dataset, tmp_path, target):
+    run_script("train_autoencoder", f"--dataset_path={paired_dataset}", f"--models_dir={tmp_path}",
+               f"--plots_dir={tmp_path}", f"--examples_dir={tmp_path}", "--arch=unet", '--arch_args={"width": 8}',
+               "--n_epochs=4", "--batch_size=8", "--patch_size=24", "--learning_rate=3e-3",
+               f"--training_target={target}")
+    model_file = next(p for p in tmp_path.glob("*.pt") if not p.name.endswith(".resume.pt"))
+    checkpoint = torch.load(model_file, weights_only=True)
+    history = checkpoint["metadata"]["history"]
+    assert checkpoint["metadata"]["training_target"] == target
+    assert history["val_mse"][-1] < history["val_mse"][0]
+
+
+def test_time_partner_training_needs_a_paired_dataset(tmp_path, tiny_scan):
+    run_script("make_dataset", f"--input_paths={tiny_scan}", f"--output={tmp_path / 'plain.npz'}")
+    result = run_script("train_autoencoder", f"--dataset_path={tmp_path / 'plain.npz'}", "--training_target=time_partner",
+                        f"--models_dir={tmp_path}", check=False)
+    assert result.returncode != 0
+    assert "--pairing=time" in result.stderr.strip().splitlines()[-1]
+
+
+def test_adaptation_improves_a_network_that_does_not_fit_the_image():
+    rng = np.random.default_rng(0)
+    clean = np.stack([phantom_volume((48, 48, 1), seed=s)[:, :, 0] / 1000 for s in range(6)]).astype(np.float32)
+    noisy = add_noise(clean, 0.08, "gaussian", rng.standard_normal((2, *clean.shape), dtype=np.float32))
+    torch.manual_seed(0)
+    untrained = build_model("unet", {"width": 8}).eval()  # knows nothing: adaptation must teach it
+    adapted, info = adapt_to_slices(untrained, noisy, 0.08, n_steps=150, max_seconds=60, learning_rate=3e-3,
+                                    patch_size=32)
+    error_before = np.mean((denoise_slices(untrained, noisy, 0.08) - clean) ** 2)
+    error_after = np.mean((denoise_slices(adapted, noisy, 0.08) - clean) ** 2)
+    assert info["kept"]
+    assert error_after < 0.5 * error_before
+
+
+def test_adaptation_that_does_not_help_is_discarded():
+    """With a learning rate of zero nothing changes, so there is no gain and the original is returned."""
+    noisy = np.random.default_rng(1).random((4, 32, 32), dtype=np.float32)
+    model = build_model("unet", {"width": 8}).eval()
+    returned, info = adapt_to_slices(model, noisy, 0.05, n_steps=3, max_seconds=30, learning_rate=0.0)
+    assert returned is model and not info["kept"]
