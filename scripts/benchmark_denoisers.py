@@ -23,7 +23,8 @@ from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
-model_paths = ["trained_models/autoencoder_seed_100epochs_672images.pt"]
+model_paths = ["trained_models/autoencoder_unet_blind_150epochs_672images.pt",
+               "trained_models/autoencoder_seed_100epochs_672images.pt"]
 noise_model = ""                            # "gaussian" or "rician"; "" = the dataset's
 sigmas = [0.02, 0.04, 0.06, 0.09, 0.12]    # noise levels of the sweep, on the [0, 1] scale
 main_sigma = 0.06                           # the level of the main table and figure
@@ -33,11 +34,13 @@ gaussian_widths = [0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5]   # candidate sigma
 nlm_strengths = [0.6, 0.8, 1.0, 1.2]        # candidate h / sigma of non-local means
 seed = 1234
 ood_scans = ["anatomical.nii", "functional.nii", "phantom_EPI_asc_CLEAR_2_1.PAR",
-             "bundled:coarse", "bundled:fine", "bundled:gamma"]
+             "test_split:coarse", "test_split:fine", "test_split:gamma"]
 # out-of-domain test sets, scored at main_sigma: files (in nibabel's test data folder, or any path), or the
-# bundled test slices resampled to 2x coarser or 1.5x finer voxels, or with another contrast (gamma 0.6)
-adapt_steps = 0                             # > 0 adds "+ adaptation" rows (use_trained_autoencoder --adapt_steps)
-adapt_seconds = 60.0                        # time budget of one adaptation
+# test split's clean slices resampled to 2x coarser or 1.5x finer voxels, or with another contrast (gamma 0.6)
+adapt_model_paths = []                      # these networks also get a "+ adaptation" row: fine-tuned on each
+                                            # test set's own noisy slices first (use_trained_autoencoder --adapt_steps)
+adapt_steps = 100
+adapt_seconds = 45.0                        # time budget of one adaptation
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
 update_readme = True                        # write the main table into README.md between the markers
 # ---
@@ -108,9 +111,9 @@ def all_methods(sigma, width, strength, networks):
                f"Gaussian filter (width {width})": lambda n: gaussian_filter_slices(n, width),
                f"non-local means (h = {strength} sigma)": lambda n: nlm_slices(n, sigma, strength),
                "BM3D (true sigma)": lambda n: bm3d_slices(n, sigma)}
-    for name, (model, metadata) in networks.items():
+    for name, (model, metadata, path) in networks.items():
         methods[name] = network_method(model, metadata)
-        if adapt_steps > 0:
+        if path in adapt_model_paths:
             methods[name.split(" (")[0] + " + adaptation"] = network_method(model, metadata, adapt=True)
     return methods
 
@@ -136,7 +139,7 @@ def tuned_parameters(sigma, model_noise, val, rng):
 
 def ood_clean_slices(name, bundled_test):
     """Clean slices and head masks of one out-of-domain test set (see ood_scans)."""
-    if name.startswith("bundled:"):
+    if name.startswith("test_split:"):
         change = name.split(":", 1)[1]
         if change == "gamma":
             return bundled_test["clean"] ** 0.6, bundled_test["mask"]
@@ -253,7 +256,10 @@ def load_networks():
     for path in model_paths:
         model, metadata = load_checkpoint(path)
         name = os.path.splitext(os.path.basename(path))[0].removeprefix("autoencoder_")
-        networks[f"{name} ({metadata['n_parameters']:,} parameters)"] = (model, metadata)
+        networks[f"{name} ({metadata['n_parameters']:,} parameters)"] = (model, metadata, path)
+    unknown = set(adapt_model_paths) - set(model_paths)
+    if unknown:
+        raise InputError(f"adapt_model_paths {sorted(unknown)} are not in model_paths")
     return networks
 
 
@@ -292,7 +298,7 @@ def main():
     rows, outputs, data = main_outputs
     results = {"dataset": dataset_path, "noise_model": model_noise, "n_test_slices": len(data[0]),
                "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()}, "ood": ood_rows,
-               "models": model_paths, "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds,
+               "models": model_paths, "adapted_models": adapt_model_paths, "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds,
                "torch_threads": torch.get_num_threads()}
     paths = [save_json(results, f"denoising_examples/benchmark{tag}.json"),
              save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, test slices"), f"plots/psnr_vs_sigma{tag}.png"),

@@ -1,0 +1,30 @@
+"""benchmark_denoisers.py end to end on a tiny dataset and a tiny network, in a temporary folder."""
+import json
+
+from conftest import phantom_volume, run_script, write_nifti
+
+
+def test_a_tiny_benchmark_scores_every_method(tmp_path):
+    scan = write_nifti(tmp_path / "scan.nii.gz", phantom_volume((40, 36, 14, 2)))
+    dataset = tmp_path / "data.npz"
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={dataset}", "--target_n_images=200")
+    run_script("train_autoencoder", f"--dataset_path={dataset}", f"--models_dir={tmp_path}", f"--plots_dir={tmp_path}",
+               f"--examples_dir={tmp_path}", "--arch=unet", '--arch_args={"width": 8}', "--n_epochs=2",
+               "--batch_size=8", "--noise_sigma_range=0.03,0.12")
+    model = next(p for p in tmp_path.glob("autoencoder_unet_*.pt") if not p.name.endswith(".resume.pt"))
+    run_script("benchmark_denoisers", f"--dataset_path={dataset}", f"--model_paths={model}",
+               f"--adapt_model_paths={model}", "--adapt_steps=3", "--sigmas=0.03,0.1", "--main_sigma=0.1",
+               "--n_realisations=1", "--n_tuning_slices=2", "--ood_scans=test_split:coarse",
+               "--gaussian_widths=0.5,1.0", "--nlm_strengths=0.8", "--update_readme=false", cwd=tmp_path)
+    results = json.loads((tmp_path / "denoising_examples" / "benchmark_gaussian.json").read_text())
+    rows = results["sweep"]["0.1"]
+    names = list(rows)
+    assert names[0] == "noisy input" and names[3] == "BM3D (true sigma)"
+    assert names[1].startswith("Gaussian filter (width") and names[2] == "non-local means (h = 0.8 sigma)"
+    assert any(name.startswith("unet") and "adaptation" not in name for name in names)
+    assert any(name.endswith("+ adaptation") for name in names)
+    assert rows["BM3D (true sigma)"]["psnr_mask"]["mean"] > rows["noisy input"]["psnr_mask"]["mean"] + 3
+    assert all(row["seconds_per_slice"] > 0 for name, row in rows.items() if name != "noisy input")
+    assert set(results["ood"]) == {"test_split:coarse"}
+    assert (tmp_path / "plots" / "psnr_vs_sigma_gaussian.png").stat().st_size > 10_000
+    assert (tmp_path / "denoising_examples" / "comparison_gaussian.png").stat().st_size > 10_000
