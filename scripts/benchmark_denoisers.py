@@ -9,17 +9,16 @@ import json
 import os
 import time
 
-import bm3d
 import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
-from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_overrides, atomic_write,
+from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_overrides, bm3d_slices,
                     check_file_exists, denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics,
-                    load_checkpoint, normalise, percentile_range, run_main, save_figure, save_json,
-                    summarise_metrics)
+                    load_checkpoint, mean_psnr_in_mask, normalise, percentile_range, run_main, save_figure,
+                    save_json, summarise_metrics, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -72,14 +71,6 @@ def gaussian_filter_slices(noisy, width):
 def nlm_slices(noisy, sigma, strength):
     return np.stack([denoise_nl_means(s, h=strength * sigma, sigma=sigma, patch_size=5, patch_distance=6,
                                       fast_mode=True) for s in noisy]).astype(np.float32)
-
-
-def bm3d_slices(noisy, sigma):
-    return np.stack([bm3d.bm3d(s, sigma_psd=sigma) for s in noisy]).astype(np.float32)
-
-
-def mean_psnr_in_mask(clean, estimate, masks):
-    return float(np.mean([image_metrics(c, e, m)["psnr_mask"] for c, e, m in zip(clean, estimate, masks)]))
 
 
 def tune(method, candidates, val_noisy, val_clean, val_masks):
@@ -235,20 +226,6 @@ def plot_comparison(outputs, noisy_clean_masks, rows, title):
     figure.suptitle(title)
     figure.tight_layout()
     return figure
-
-
-def write_into_readme(markdown, marker):
-    """Replace the text between <!-- marker:start --> and <!-- marker:end --> in README.md."""
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    if not os.path.exists("README.md"):
-        return
-    text = open("README.md").read()
-    if start not in text or end not in text:
-        print(f"README.md has no {start} ... {end} markers; table not written there")
-        return
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1]
-    atomic_write("README.md", lambda tmp: open(tmp, "w").write(f"{before}{start}\n{markdown}\n{end}{after}"))
 
 
 def load_networks():

@@ -488,3 +488,30 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     info = {"steps": steps, "seconds": time.perf_counter() - started, "heldout_cells": int(gain.size),
             "heldout_error_before": float(errors_before.mean()), "heldout_gain": float(gain.mean()), "kept": kept}
     return (adapted if kept else model), info
+
+
+def mean_psnr_in_mask(clean_slices, estimates, masks):
+    return float(np.mean([image_metrics(c, e, m)["psnr_mask"] for c, e, m in zip(clean_slices, estimates, masks)]))
+
+
+def bm3d_slices(noisy_slices, sigma):
+    """BM3D (the bm3d package) of each (H, W) slice, given the noise sigma."""
+    import bm3d
+    return np.stack([bm3d.bm3d(s, sigma_psd=sigma) for s in noisy_slices]).astype(np.float32)
+
+
+def write_into_readme(markdown, marker, readme="README.md"):
+    """Replace the text between <!-- marker:start --> and <!-- marker:end --> in README.md, so the
+    tables there are the ones the benchmark scripts measured."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    text = open(readme).read() if os.path.exists(readme) else ""
+    if start not in text or end not in text:
+        print(f"{readme} has no {start} ... {end} markers; table not written there")
+        return
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(f"{before}{start}\n{markdown}\n{end}{after}")
+    atomic_write(readme, write)
