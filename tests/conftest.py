@@ -61,3 +61,25 @@ def write_nifti(path, data, dtype=np.float32, affine=None):
 def tiny_scan(tmp_path):
     """A 4D 40x36x12x3 NIfTI in tmp_path."""
     return write_nifti(tmp_path / "tiny.nii.gz", phantom_volume((40, 36, 12, 3)))
+
+
+def assert_one_line_error(result, *fragments):
+    """A script failed with exit code non-zero and exactly one line on stderr: 'error: ...fragments...'."""
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """18 pairs of 24x20 slices: 6 slice positions of a 3-volume scan, 4 of them (12 images) for training."""
+    import make_dataset
+    folder = tmp_path_factory.mktemp("data")
+    scan = write_nifti(folder / "tiny.nii.gz", phantom_volume((24, 20, 8, 3)))
+    dataset = folder / "tiny.npz"
+    run_in_process(make_dataset, f"--input_paths={scan}", f"--output={dataset}", "--slice_range=1,7",
+                   "--target_n_images=1")
+    return dataset

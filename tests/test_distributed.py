@@ -9,21 +9,10 @@ import time
 import pytest
 import torch
 
-import make_dataset
 import train_autoencoder
-from conftest import SCRIPTS, phantom_volume, run_in_process, write_nifti
+from conftest import SCRIPTS, run_in_process
 
 NAME = "autoencoder_seed_1epochs_12images"
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    scan = write_nifti(folder / "tiny.nii.gz", phantom_volume((24, 20, 8, 3)))
-    dataset = folder / "tiny.npz"
-    run_in_process(make_dataset, f"--input_paths={scan}", f"--output={dataset}", "--slice_range=1,7",
-                   "--target_n_images=1")
-    return dataset
 
 
 def train_args(folder, dataset, *overrides):

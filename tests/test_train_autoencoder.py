@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common import denoise_slices
-from conftest import phantom_volume, run_script, write_nifti
+from conftest import assert_one_line_error, phantom_volume, run_script, write_nifti
 from models import count_parameters, model_from_checkpoint
 
 N_EPOCHS = 4
@@ -73,13 +73,6 @@ def test_checkpoint_loads_safely_and_rebuilds_the_trained_network(trained, tiny_
     assert val_mse == pytest.approx(metadata["history"]["val_mse"][-1], rel=1e-4)
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 @pytest.mark.parametrize("override, fragment", [

@@ -19,17 +19,6 @@ from conftest import SCRIPTS, phantom_volume, run_in_process, run_script, write_
 TRAIN_IMAGES = 12  # 4 training slice positions x 3 time points
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    """18 pairs of 24x20 slices: 6 slice positions of a 3-volume scan, 4 of them for training."""
-    folder = tmp_path_factory.mktemp("data")
-    scan = write_nifti(folder / "tiny.nii.gz", phantom_volume((24, 20, 8, 3)))
-    dataset = folder / "tiny.npz"
-    run_in_process(make_dataset, f"--input_paths={scan}", f"--output={dataset}", "--slice_range=1,7",
-                   "--target_n_images=1")
-    return dataset
-
-
 def train_args(folder, dataset, n_epochs, *overrides):
     return [f"--dataset_path={dataset}", f"--n_epochs={n_epochs}", "--batch_size=4", "--patch_size=16",
             "--augment", f"--models_dir={folder}", f"--plots_dir={folder}", f"--examples_dir={folder}", *overrides]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import phantom_volume, run_script, write_nifti
+from conftest import assert_one_line_error, phantom_volume, run_script, write_nifti
 from models import CHECKPOINT_FORMAT, build_model
 
 SIGMA = 0.06  # the noise sigma of the tiny training set, on the [0, 1] scale
@@ -155,13 +155,6 @@ def test_refuses_to_overwrite_the_input(trained, tmp_path):
 
 # --- bad inputs --------------------------------------------------------------------------------
 
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def write_bad_input(kind, folder):
