@@ -7,14 +7,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import make_dataset
 import train_autoencoder
 from common import InputError, load_checkpoint
-from conftest import SCRIPTS, phantom_volume, run_in_process, run_script, write_nifti
+from conftest import SCRIPTS, run_in_process, run_script
 
 TRAIN_IMAGES = 12  # 4 training slice positions x 3 time points
 
