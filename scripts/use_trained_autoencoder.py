@@ -188,14 +188,19 @@ def plot_report(data, denoised, low, high, sigma):
     if is_4d:
         head = foreground_mask(normalise(data.mean(axis=3), low, high))
         tsnr_before, tsnr_after = tsnr_map(data), tsnr_map(denoised)
+        # a robust common scale: a near-constant voxel has an enormous tSNR
+        vmax = np.percentile(np.concatenate([tsnr_before[head], tsnr_after[head]]), 98)
         z = picks[1]
-        vmax = np.percentile(tsnr_after[head], 99)
+        head_slice = np.moveaxis(head, axis, 2)[:, :, z]
         for column, (tsnr, name) in enumerate([(tsnr_before, "before"), (tsnr_after, "after")]):
-            shown = np.moveaxis(tsnr, axis, 2)[:, :, z]
+            shown = np.where(head_slice, np.moveaxis(tsnr, axis, 2)[:, :, z], np.nan)
             axes[-1, column].imshow(shown.T, origin="lower", cmap="inferno", vmin=0, vmax=vmax)
             axes[-1, column].set_title(f"tSNR {name}: median {np.median(tsnr[head]):.1f} in the head", fontsize=9)
-        axes[-1, 2].hist([tsnr_before[head], tsnr_after[head]], bins=60, label=["before", "after"], alpha=0.7)
-        axes[-1, 2].set_title("tSNR in the head mask", fontsize=9)
+        axes[-1, 2].hist([np.clip(tsnr_before[head], 0, vmax), np.clip(tsnr_after[head], 0, vmax)], bins=60,
+                         range=(0, vmax), label=["before", "after"], alpha=0.7)
+        n_volumes = data.shape[3]
+        axes[-1, 2].set_title(f"tSNR in the head, {n_volumes} volumes"
+                              + (" (too few for a reliable tSNR)" if n_volumes < 10 else ""), fontsize=9)
         axes[-1, 2].legend()
     for axis_ in axes.flat:
         if axis_.images:
