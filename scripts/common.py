@@ -433,36 +433,47 @@ def neighbor2neighbor_loss(model, noisy, noise_sigma, generator, gamma=1.0, cell
     return torch.sum(errors * cell_weight) / torch.clamp(torch.sum(cell_weight), min=1)
 
 
-def self_supervised_cell_errors(model, noisy_slices, noise_sigma, seed=0):
-    """Neighbor2Neighbor's reconstruction error per 2x2 cell, (n, H/2, W/2), with a fixed sub-sampling.
-    On cells the model was never trained to predict, its mean is the denoising error plus a constant
-    (the target pixel's own noise), so it compares two models without a clean image."""
+def masked_pixel_errors(model, noisy_slices, noise_sigma, heldout):
+    """Squared errors at the held-out pixels (a boolean (n, H, W) mask, no two of them neighbours) of the
+    full-resolution output,
+    computed from an input in which those pixels are replaced by the mean of their four neighbours, so
+    the network never sees the value it is scored against (Batson & Royer, "Noise2Self", ICML 2019).
+    The mean of these errors is the true denoising error plus sigma^2, on pixels the adaptation never
+    used as targets: it compares two networks at full resolution without a clean image."""
     import torch
-    generator = torch.Generator().manual_seed(seed)
+    import torch.nn.functional as F
     images = torch.from_numpy(np.asarray(noisy_slices, dtype=np.float32)[:, None])
-    choice = torch.randint(len(NEIGHBOUR_PAIRS), (len(images), 1, images.shape[-2] // 2, images.shape[-1] // 2),
-                           generator=generator)
-    first, second = neighbour_subsample(images, choice)
+    mask = torch.from_numpy(heldout[:, None])
+    kernel = torch.tensor([[0, 0.25, 0], [0.25, 0, 0.25], [0, 0.25, 0]]).reshape(1, 1, 3, 3)
+    neighbours = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="reflect"), kernel)  # never the pixel itself
     with torch.inference_mode():
-        return ((model(first, noise_sigma) - second) ** 2)[:, 0].numpy()
+        denoised = model(torch.where(mask, neighbours, images), noise_sigma)
+    return ((denoised - images) ** 2)[mask].numpy()
 
 
 def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, learning_rate=1e-4,
-                    batch_size=8, patch_size=64, heldout_fraction=0.2, seed=0):
+                    batch_size=8, patch_size=64, heldout_fraction=0.1, seed=0):
     """Fine-tune a copy of `model` on a scan's own noisy slices (n, H, W), [0, 1] scale, with the
-    Neighbor2Neighbor loss, for n_steps or max_seconds. A random fifth of the 2x2 cells is held out of
-    the loss; the adapted copy is kept only if its error on those cells is lower than the original's by
-    more than twice the standard error, so adapting does not make the result worse by that measure.
-    Returns (the model to use, a dict describing what happened)."""
+    Neighbor2Neighbor loss, for n_steps or max_seconds. A random tenth of the pixels is held out: the
+    2x2 cells holding them are left out of the loss, and the adapted copy is kept only if its full-resolution
+    error on those pixels (masked_pixel_errors) is lower than the original's by more than twice the
+    standard error. Returns (the model to use, a dict describing what happened)."""
     import copy
     import time
 
     import torch
+    import torch.nn.functional as F
     noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
     n_slices, height, width = noisy_slices.shape
     rng = np.random.default_rng(seed)
-    heldout = rng.random((n_slices, height // 2, width // 2)) < heldout_fraction
-    errors_before = self_supervised_cell_errors(model, noisy_slices, noise_sigma)[heldout]
+    # held-out pixels sit on one colour of a checkerboard: no two are neighbours, so the input that
+    # masked_pixel_errors builds holds no held-out value at all
+    rows, columns = np.indices((height, width))
+    heldout = (rng.random(noisy_slices.shape) < 2 * heldout_fraction) & ((rows + columns) % 2 == 0)
+    # a 2x2 cell takes part in the loss only if none of its pixels is held out
+    cells_used = ~F.pixel_unshuffle(torch.from_numpy(heldout[:, None, :height // 2 * 2, :width // 2 * 2]), 2)
+    cells_used = cells_used.all(dim=1).numpy()  # (n, H/2, W/2)
+    errors_before = masked_pixel_errors(model, noisy_slices, noise_sigma, heldout)
     adapted = copy.deepcopy(model).train()
     optimiser = torch.optim.Adam(adapted.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
@@ -475,7 +486,7 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
         lefts = rng.integers(0, width // 2 - cells_w + 1, size=batch_size)
         batch = np.stack([noisy_slices[p, 2 * t:2 * (t + cells_h), 2 * l:2 * (l + cells_w)]
                           for p, t, l in zip(picks, tops, lefts)])
-        weight = np.stack([~heldout[p, t:t + cells_h, l:l + cells_w] for p, t, l in zip(picks, tops, lefts)])
+        weight = np.stack([cells_used[p, t:t + cells_h, l:l + cells_w] for p, t, l in zip(picks, tops, lefts)])
         loss = neighbor2neighbor_loss(adapted, torch.from_numpy(batch[:, None]), sigma, generator,
                                       cell_weight=torch.from_numpy(weight[:, None].astype(np.float32)))
         optimiser.zero_grad(set_to_none=True)
@@ -483,9 +494,9 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
         optimiser.step()
         steps += 1
     adapted.eval()
-    gain = errors_before - self_supervised_cell_errors(adapted, noisy_slices, noise_sigma)[heldout]
+    gain = errors_before - masked_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
     kept = bool(gain.mean() > 2 * gain.std() / np.sqrt(max(1, gain.size)))
-    info = {"steps": steps, "seconds": time.perf_counter() - started, "heldout_cells": int(gain.size),
+    info = {"steps": steps, "seconds": time.perf_counter() - started, "heldout_pixels": int(gain.size),
             "heldout_error_before": float(errors_before.mean()), "heldout_gain": float(gain.mean()), "kept": kept}
     return (adapted if kept else model), info
 

@@ -112,3 +112,18 @@ def test_adaptation_that_does_not_help_is_discarded():
     model = build_model("unet", {"width": 8}).eval()
     returned, info = adapt_to_slices(model, noisy, 0.05, n_steps=3, max_seconds=30, learning_rate=0.0)
     assert returned is model and not info["kept"]
+
+
+def test_the_held_out_check_never_sees_a_held_out_value():
+    """masked_pixel_errors: changing the noisy value at held-out pixels changes nothing the network sees."""
+    from common import masked_pixel_errors
+    rows, columns = np.indices((20, 20))
+    heldout = ((rows + columns) % 2 == 0) & (np.random.default_rng(0).random((2, 20, 20)) < 0.3)
+    noisy = np.random.default_rng(1).random((2, 20, 20), dtype=np.float32)
+    changed = noisy.copy()
+    changed[heldout] += 5.0
+    seen = []
+    model = lambda x, sigma: (seen.append(x.clone()), x)[1]
+    masked_pixel_errors(model, noisy, 0.05, heldout)
+    masked_pixel_errors(model, changed, 0.05, heldout)
+    assert torch.equal(seen[0], seen[1])
