@@ -3,14 +3,15 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test benchmark clean
+.PHONY: demo test clean
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# the seed network for 10 epochs as a quick demonstration, then the test-split figures and metrics
+# of the shipped default network and of the one just trained
 demo: $(VENV)/installed
 	$(PY) scripts/make_dataset.py
 	$(PY) scripts/train_autoencoder.py --n_epochs=10 --output_tag=_demo

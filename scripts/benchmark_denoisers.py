@@ -38,7 +38,7 @@ ood_scans = ["anatomical.nii", "functional.nii", "phantom_EPI_asc_CLEAR_2_1.PAR"
 # test split's clean slices resampled to 2x coarser or 1.5x finer voxels, or with another contrast (gamma 0.6)
 adapt_model_paths = []                      # these networks also get a "+ adaptation" row: fine-tuned on each
                                             # test set's own noisy slices first (use_trained_autoencoder --adapt_steps)
-adapt_steps = 100
+adapt_steps = 300
 adapt_seconds = 45.0                        # time budget of one adaptation
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
 update_readme = True                        # write the main table into README.md between the markers
