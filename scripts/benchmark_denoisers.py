@@ -99,8 +99,8 @@ def network_method(model, metadata, adapt=False):
 
 def all_methods(sigma, width, strength, networks):
     methods = {"noisy input": lambda n: n,
-               f"Gaussian filter (width {width})": lambda n: gaussian_filter_slices(n, width),
-               f"non-local means (h = {strength} sigma)": lambda n: nlm_slices(n, sigma, strength),
+               "Gaussian filter (width tuned on val)": lambda n: gaussian_filter_slices(n, width),
+               "non-local means (h tuned on val)": lambda n: nlm_slices(n, sigma, strength),
                "BM3D (true sigma)": lambda n: bm3d_slices(n, sigma)}
     for name, (model, metadata, path) in networks.items():
         methods[name] = network_method(model, metadata)
@@ -158,10 +158,11 @@ def ood_table(ood_rows):
             "the bundled scan's validation slices:\n\n" + "\n".join(lines))
 
 
-def markdown_table(rows, sigma, model_noise, n_slices):
+def markdown_table(rows, sigma, model_noise, n_slices, tuned):
     bm3d_row = rows["BM3D (true sigma)"]
-    lines = [f"{model_noise.capitalize()} noise, sigma {sigma}, {n_slices} test slices "
-             "(mean +- std over slices; PSNR with data range 1):", "",
+    lines = [f"{model_noise.capitalize()} noise, sigma {sigma}, {n_slices} test slices (mean +- std over slices; "
+             f"PSNR with data range 1; Gaussian filter width {tuned['gaussian_width']} pixels, non-local means "
+             f"h = {tuned['nlm_strength']} sigma):", "",
              "| method | PSNR in mask (dB) | SSIM in mask | PSNR whole image (dB) | SSIM whole image | ms per slice | speed vs BM3D |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in rows.items():
@@ -253,15 +254,16 @@ def main():
         raise InputError(f"main_sigma={main_sigma} is not one of sigmas={sigmas}")
     networks = load_networks()
     rng = np.random.default_rng(seed)
-    sweep, main_outputs, ood_rows = {}, None, {}
+    sweep, main_outputs, ood_rows, tuned = {}, None, {}, {}
     for sigma in sigmas:
         width, strength = tuned_parameters(sigma, model_noise, val, rng)
+        tuned[sigma] = {"gaussian_width": width, "nlm_strength": strength}
         methods = all_methods(sigma, width, strength, networks)
         noisy, clean = noisy_versions(test["clean"], sigma, model_noise, rng, n_realisations)
         masks = np.repeat(test["mask"], n_realisations, axis=0)
         rows, outputs = score(methods, noisy, clean, masks)
         sweep[sigma] = rows
-        print(f"\n{markdown_table(rows, sigma, model_noise, len(noisy))}", flush=True)
+        print(f"\n{markdown_table(rows, sigma, model_noise, len(noisy), tuned[sigma])}", flush=True)
         if sigma != main_sigma:
             continue
         main_outputs = (rows, outputs, (noisy, clean, masks))
@@ -275,13 +277,14 @@ def main():
     rows, outputs, data = main_outputs
     results = {"dataset": dataset_path, "noise_model": model_noise, "n_test_slices": len(data[0]),
                "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()}, "ood": ood_rows,
+               "tuned_on_val": {str(s): t for s, t in tuned.items()},
                "models": model_paths, "adapted_models": adapt_model_paths, "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds,
                "torch_threads": torch.get_num_threads()}
     paths = [save_json(results, f"denoising_examples/benchmark{tag}.json"),
              save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, test slices"), f"plots/psnr_vs_sigma{tag}.png"),
              save_figure(plot_comparison(outputs, data, rows, f"{model_noise} noise, sigma {main_sigma}, a test slice"),
                          f"denoising_examples/comparison{tag}.png", dpi=90)]
-    markdown = markdown_table(rows, main_sigma, model_noise, len(data[0])) + "\n\n" + sweep_table(sweep)
+    markdown = markdown_table(rows, main_sigma, model_noise, len(data[0]), tuned[main_sigma]) + "\n\n" + sweep_table(sweep)
     if ood_rows:
         markdown += "\n\n" + ood_table(ood_rows)
     if update_readme:

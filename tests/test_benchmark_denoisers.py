@@ -20,7 +20,8 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     rows = results["sweep"]["0.1"]
     names = list(rows)
     assert names[0] == "noisy input" and names[3] == "BM3D (true sigma)"
-    assert names[1].startswith("Gaussian filter (width") and names[2] == "non-local means (h = 0.8 sigma)"
+    assert names[1:3] == ["Gaussian filter (width tuned on val)", "non-local means (h tuned on val)"]
+    assert results["tuned_on_val"]["0.1"]["nlm_strength"] == 0.8
     assert any(name.startswith("unet") and "adaptation" not in name for name in names)
     assert any(name.endswith("+ adaptation") for name in names)
     assert rows["BM3D (true sigma)"]["psnr_mask"]["mean"] > rows["noisy input"]["psnr_mask"]["mean"] + 3
