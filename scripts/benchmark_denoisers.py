@@ -171,7 +171,7 @@ def markdown_table(rows, sigma, model_noise, n_slices, tuned):
                      f"{row['ssim_mask']['mean']:.3f} +- {row['ssim_mask']['std']:.3f} | "
                      f"{row['psnr_image']['mean']:.2f} | {row['ssim_image']['mean']:.3f} | "
                      f"{1000 * row['seconds_per_slice']:.1f} | "
-                     + ("-" if name == "noisy input" else f"{speed:.0f}x") + " |")
+                     + ("-" if name == "noisy input" else f"{speed:.0f}x" if speed >= 10 else f"{speed:.2g}x") + " |")
     return "\n".join(lines)
 
 
@@ -284,7 +284,9 @@ def main():
              save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, test slices"), f"plots/psnr_vs_sigma{tag}.png"),
              save_figure(plot_comparison(outputs, data, rows, f"{model_noise} noise, sigma {main_sigma}, a test slice"),
                          f"denoising_examples/comparison{tag}.png", dpi=90)]
-    markdown = markdown_table(rows, main_sigma, model_noise, len(data[0]), tuned[main_sigma]) + "\n\n" + sweep_table(sweep)
+    markdown = markdown_table(rows, main_sigma, model_noise, len(data[0]), tuned[main_sigma])
+    if len(sweep) > 1:
+        markdown += "\n\n" + sweep_table(sweep)
     if ood_rows:
         markdown += "\n\n" + ood_table(ood_rows)
     if update_readme:
