@@ -6,6 +6,12 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+
+# one thread in every test, run in this process or in a subprocess: float sums depend on the thread
+# count, so runs are bit-identical only at equal thread counts (and two cores are all CI has)
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
