@@ -4,6 +4,7 @@ Evaluate it on the test split of data/mri_denoising.npz (figures and metrics in 
     python scripts/use_trained_autoencoder.py [--model=trained_models/....pt]
 Denoise your own 3D or 4D NIfTI, slice by slice, back into its own intensity units:
     python scripts/use_trained_autoencoder.py --input scan.nii.gz --output scan_denoised.nii.gz [--report]"""
+import json
 import os
 import time
 
@@ -39,11 +40,11 @@ def load_test_split(path):
     check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
     with np.load(path, allow_pickle=False) as archive:
         test = archive["split"] == "test"
-        return {k: archive[k][test] for k in ("clean", "noisy", "mask")}, float(
-            __import__("json").loads(str(archive["settings_json"]))["noise_sigma"])
+        return ({k: archive[k][test] for k in ("clean", "noisy", "mask")},
+                float(json.loads(str(archive["settings_json"]))["noise_sigma"]))
 
 
-def evaluate_on_test_split(model, metadata):
+def evaluate_on_test_split(model):
     test, dataset_sigma = load_test_split(dataset_path)
     started = time.perf_counter()
     denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size)
@@ -250,7 +251,7 @@ def main():
     if input_path:
         denoise_nifti(model, metadata)
     else:
-        evaluate_on_test_split(model, metadata)
+        evaluate_on_test_split(model)
 
 
 if __name__ == "__main__":
