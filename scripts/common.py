@@ -333,10 +333,7 @@ def load_checkpoint(path):
     path = str(path)
     check_file_exists(path, "checkpoint")
     try:
-        # checkpoints written before package_versions() stored str(torch.__version__) hold a TorchVersion,
-        # a plain str subclass: safe to allow
-        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise InputError(f"{path} is not a readable PyTorch checkpoint, it may be truncated or "
                          f"of another kind ({type(error).__name__})") from None

@@ -3,10 +3,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import torch
-
-from common import InputError, apply_overrides, load_checkpoint, load_nifti, read_float32
-from models import CHECKPOINT_FORMAT, build_model
+from common import InputError, apply_overrides, load_nifti, read_float32
 
 
 def script_settings():
@@ -93,13 +90,3 @@ def test_load_nifti_counts_every_nan_and_inf(tmp_path):
     nib.save(nib.Nifti1Image(values, np.eye(4)), str(tmp_path / "scan.nii"))
     with pytest.raises(InputError, match="contains 3 NaN or Inf values"):
         load_nifti(tmp_path / "scan.nii")
-
-
-def test_checkpoints_that_hold_a_torch_version_object_load(tmp_path):
-    """Checkpoints saved before package_versions() applied str() hold torch.__version__ itself."""
-    metadata = {"format_version": CHECKPOINT_FORMAT, "arch": "seed", "arch_args": {},
-                "versions": {"torch": torch.__version__}}
-    assert type(metadata["versions"]["torch"]) is not str
-    torch.save({"state_dict": build_model("seed").state_dict(), "metadata": metadata}, tmp_path / "old.pt")
-    model, loaded = load_checkpoint(tmp_path / "old.pt")
-    assert loaded["versions"]["torch"] == torch.__version__ and not model.training
