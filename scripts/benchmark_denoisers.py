@@ -40,6 +40,7 @@ adapt_model_paths = []                      # these networks also get a "+ adapt
                                             # test set's own noisy slices first (use_trained_autoencoder --adapt_steps)
 adapt_steps = 300
 adapt_seconds = 45.0                        # time budget of one adaptation
+adapt_loss = "recorrupted"                  # "recorrupted" or "neighbor2neighbor" (see use_trained_autoencoder.py)
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
 update_readme = True                        # write the main table into README.md between the markers
 # ---
@@ -91,8 +92,8 @@ def network_method(model, metadata, adapt=False):
     """A function noisy -> denoised for one network; noise-map networks get the estimated sigma.
     With adapt, the network is first fine-tuned on the noisy slices themselves (self-supervised)."""
     def denoise(noisy):
-        sigma = estimate_noise_sigma(noisy) if metadata["noise_map"] else 0.0
-        adapted = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds)[0] if adapt else model
+        sigma = estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0
+        adapted = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss)[0] if adapt else model
         return denoise_slices(adapted, noisy, sigma)
     return denoise
 

@@ -242,6 +242,20 @@ def add_noise(clean, sigma, noise_model, normal_draws):
     raise InputError(f"noise_model={noise_model!r}; expected 'gaussian' or 'rician'")
 
 
+RECORRUPTION_ALPHA = 0.5  # Pang et al. use 0.5: the input gets 12% more noise, the target 2.2x the noise
+
+
+def recorrupt(noisy, sigma, normal_draws, alpha=RECORRUPTION_ALPHA):
+    """Recorrupted-to-Recorrupted (Pang et al., "Recorrupted-to-Recorrupted: Unsupervised Deep Learning
+    for Image Denoising", CVPR 2021): from one noisy image with Gaussian noise of known sigma and fresh
+    draws z (standard normal, same shape), an input y + alpha sigma z and a target y - sigma z / alpha
+    whose noises are independent, so training input -> target is unbiased supervised training toward
+    the clean image, at the input's noise level sigma * sqrt(1 + alpha^2), which is also returned.
+    numpy or torch; sigma is a number or broadcasts against `noisy`."""
+    extra = sigma * normal_draws
+    return noisy + alpha * extra, noisy - extra / alpha, sigma * (1 + alpha ** 2) ** 0.5
+
+
 def foreground_mask(volume):
     """Foreground (head) mask of a normalised 3D volume (X, Y, Z): Otsu threshold of the
     lightly smoothed image, holes filled slice by slice, then dilated by one voxel."""
@@ -448,18 +462,25 @@ def masked_pixel_errors(model, noisy_slices, noise_sigma, heldout):
     return ((denoised - images) ** 2)[mask].numpy()
 
 
+ADAPTATION_LOSSES = ("recorrupted", "neighbor2neighbor")
+
+
 def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, learning_rate=1e-4,
-                    batch_size=8, patch_size=64, heldout_fraction=0.1, seed=0):
-    """Fine-tune a copy of `model` on a scan's own noisy slices (n, H, W), [0, 1] scale, with the
-    Neighbor2Neighbor loss, for n_steps or max_seconds. A random tenth of the pixels is held out: the
-    2x2 cells holding them are left out of the loss, and the adapted copy is kept only if its full-resolution
-    error on those pixels (masked_pixel_errors) is lower than the original's by more than twice the
-    standard error. Returns (the model to use, a dict describing what happened)."""
+                    batch_size=8, patch_size=64, heldout_fraction=0.1, seed=0, loss="recorrupted"):
+    """Fine-tune a copy of `model` on a scan's own noisy slices (n, H, W), [0, 1] scale, for n_steps or
+    max_seconds, with a self-supervised loss: "recorrupted" (Recorrupted-to-Recorrupted at full
+    resolution, needs the noise sigma) or "neighbor2neighbor" (half-resolution sub-images). A random
+    tenth of the pixels is held out of the loss (for neighbor2neighbor, the 2x2 cells holding them), and
+    the adapted copy is kept only if its full-resolution error on those pixels (masked_pixel_errors) is
+    lower than the original's by more than twice the standard error. Returns (the model to use, a dict
+    describing what happened)."""
     import copy
     import time
 
     import torch
     import torch.nn.functional as F
+    if loss not in ADAPTATION_LOSSES:
+        raise InputError(f"adaptation loss {loss!r}; expected one of {', '.join(ADAPTATION_LOSSES)}")
     noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
     n_slices, height, width = noisy_slices.shape
     rng = np.random.default_rng(seed)
@@ -467,7 +488,7 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     # masked_pixel_errors builds holds no held-out value at all
     rows, columns = np.indices((height, width))
     heldout = (rng.random(noisy_slices.shape) < 2 * heldout_fraction) & ((rows + columns) % 2 == 0)
-    # a 2x2 cell takes part in the loss only if none of its pixels is held out
+    # neighbor2neighbor: a 2x2 cell takes part in the loss only if none of its pixels is held out
     cells_used = ~F.pixel_unshuffle(torch.from_numpy(heldout[:, None, :height // 2 * 2, :width // 2 * 2]), 2)
     cells_used = cells_used.all(dim=1).numpy()  # (n, H/2, W/2)
     errors_before = masked_pixel_errors(model, noisy_slices, noise_sigma, heldout)
@@ -481,19 +502,27 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
         picks = rng.integers(n_slices, size=batch_size)
         tops = rng.integers(0, height // 2 - cells_h + 1, size=batch_size)
         lefts = rng.integers(0, width // 2 - cells_w + 1, size=batch_size)
-        batch = np.stack([noisy_slices[p, 2 * t:2 * (t + cells_h), 2 * l:2 * (l + cells_w)]
-                          for p, t, l in zip(picks, tops, lefts)])
-        weight = np.stack([cells_used[p, t:t + cells_h, l:l + cells_w] for p, t, l in zip(picks, tops, lefts)])
-        loss = neighbor2neighbor_loss(adapted, torch.from_numpy(batch[:, None]), sigma, generator,
-                                      cell_weight=torch.from_numpy(weight[:, None].astype(np.float32)))
+        batch = torch.from_numpy(np.stack([noisy_slices[p, 2 * t:2 * (t + cells_h), 2 * l:2 * (l + cells_w)]
+                                           for p, t, l in zip(picks, tops, lefts)])[:, None])
+        if loss == "recorrupted":
+            used = torch.from_numpy(~np.stack([heldout[p, 2 * t:2 * (t + cells_h), 2 * l:2 * (l + cells_w)]
+                                               for p, t, l in zip(picks, tops, lefts)])[:, None])
+            draws = torch.randn(batch.shape, generator=generator)
+            inputs, targets, input_sigma = recorrupt(batch, sigma.reshape(-1, 1, 1, 1), draws)
+            errors = (adapted(inputs, input_sigma.flatten()) - targets) ** 2
+            value = torch.sum(errors * used) / torch.clamp(torch.sum(used), min=1)
+        else:
+            weight = np.stack([cells_used[p, t:t + cells_h, l:l + cells_w] for p, t, l in zip(picks, tops, lefts)])
+            value = neighbor2neighbor_loss(adapted, batch, sigma, generator,
+                                           cell_weight=torch.from_numpy(weight[:, None].astype(np.float32)))
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimiser.step()
         steps += 1
     adapted.eval()
     gain = errors_before - masked_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
     kept = bool(gain.mean() > 2 * gain.std() / np.sqrt(max(1, gain.size)))
-    info = {"steps": steps, "seconds": time.perf_counter() - started, "heldout_pixels": int(gain.size),
+    info = {"loss": loss, "steps": steps, "seconds": time.perf_counter() - started, "heldout_pixels": int(gain.size),
             "heldout_error_before": float(errors_before.mean()), "heldout_gain": float(gain.mean()), "kept": kept}
     return (adapted if kept else model), info
 

@@ -16,14 +16,15 @@ import zipfile
 
 import numpy as np
 import torch
+from scipy import ndimage
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from common import (InputError, add_noise, apply_overrides, atomic_write, check_file_exists, denoise_slices,
-                    load_npz, neighbor2neighbor_loss, package_versions, pick_device, plot_denoising_grid, run_main,
-                    save_figure)
+                    load_npz, neighbor2neighbor_loss, package_versions, pick_device, plot_denoising_grid, recorrupt,
+                    run_main, save_figure)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
 
 # --- settings: edit here, or override on the command line: --n_epochs=100 --arch=unet
@@ -40,9 +41,16 @@ noise_model = ""               # "gaussian" or "rician"; "" = the dataset's
 noise_sigma_range = []         # train over sigmas drawn from [low, high] (a blind model); [] = the dataset's sigma
 training_target = "clean"     # "clean" (supervised); "time_partner": the same slice at a neighbouring time
                                # point with its own noise (Noise2Noise, make_dataset --pairing=time);
-                               # "neighbor2neighbor": the noisy image itself, self-supervised (no clean image)
+                               # "neighbor2neighbor": the noisy image itself, self-supervised (no clean image);
+                               # "recorrupted": Recorrupted-to-Recorrupted, self-supervised, Gaussian noise of
+                               # known sigma: a noisier copy of the noisy image learns to match another
 patch_size = 0                 # train on random square patches of this size; 0 = whole slices
 augment = False                # random flips, and 90-degree rotations when patches are square
+zoom_range = []                # resample each clean image by a random factor in [low, high] first, so the
+                               # network meets other voxel sizes (supervised training with fresh noise only)
+gamma_range = []               # raise each clean image to a random power in [low, high]: other contrasts
+loss_weighting = "none"        # "none": plain MSE; "inverse_variance": each image's MSE divided by its noise
+                               # sigma^2, so low noise levels count as much in the loss as they do in PSNR
 val_every = 1                  # epochs between validation passes
 checkpoint_every = 10          # epochs between resumable checkpoints (and always on Ctrl-C)
 resume = ""                    # a .resume.pt file to continue from
@@ -77,10 +85,26 @@ def check_settings(world_size):
         problems.append(f"lr_schedule={lr_schedule!r}; expected 'constant' or 'cosine'")
     if noise_sigma_range and (len(noise_sigma_range) != 2 or not 0 <= noise_sigma_range[0] <= noise_sigma_range[1]):
         problems.append(f"noise_sigma_range={noise_sigma_range}; expected low,high with 0 <= low <= high")
-    if training_target not in ("clean", "time_partner", "neighbor2neighbor"):
-        problems.append(f"training_target={training_target!r}; expected 'clean', 'time_partner' or 'neighbor2neighbor'")
+    if training_target not in ("clean", "time_partner", "neighbor2neighbor", "recorrupted"):
+        problems.append(f"training_target={training_target!r}; expected 'clean', 'time_partner', "
+                        "'neighbor2neighbor' or 'recorrupted'")
+    if training_target == "recorrupted" and noise_model == "rician":
+        problems.append("training_target=recorrupted needs Gaussian noise (its pairs are independent only then)")
     if patch_size < 0:
         problems.append(f"patch_size={patch_size}; expected 0 (whole slices) or a size in pixels")
+    for name, value in (("zoom_range", zoom_range), ("gamma_range", gamma_range)):
+        if value and (len(value) != 2 or not 0 < value[0] <= value[1]):
+            problems.append(f"{name}={value}; expected low,high with 0 < low <= high")
+        elif value and not (training_target == "clean" and fresh_noise):
+            problems.append(f"{name} changes the clean image, so it needs training_target=clean and fresh_noise")
+        elif name == "zoom_range" and value and not patch_size:
+            problems.append("zoom_range changes the image size, so it needs patch_size (equal-sized patches)")
+    if noise_sigma_range and not fresh_noise:
+        problems.append("noise_sigma_range needs fresh_noise: the fixed noise in the dataset has one sigma")
+    if loss_weighting not in ("none", "inverse_variance"):
+        problems.append(f"loss_weighting={loss_weighting!r}; expected 'none' or 'inverse_variance'")
+    elif loss_weighting == "inverse_variance" and training_target == "neighbor2neighbor":
+        problems.append("loss_weighting=inverse_variance needs a target image (training_target clean or time_partner)")
     if val_every < 1 or checkpoint_every < 1:
         problems.append(f"val_every={val_every}, checkpoint_every={checkpoint_every}; expected 1 or more")
     if problems:
@@ -152,6 +176,11 @@ def make_training_pair(images, epoch, index, train_sigma, train_noise_model):
     partner fixed noisy] for Noise2Noise): a random patch, flips/rotations, fresh noise. The target is the
     clean image, or the partner with its own noise, or (neighbor2neighbor) the noisy input itself."""
     rng = sample_rng(epoch, index)
+    if zoom_range:  # only the clean image: its noisy copies are made below
+        factor = max(rng.uniform(*zoom_range), patch_size / min(images[0].shape))  # still holds a whole patch
+        images = [np.clip(ndimage.zoom(images[0], factor, order=3, mode="mirror"), 0, None)]
+    if gamma_range:
+        images = [np.clip(images[0], 0, 1) ** rng.uniform(*gamma_range)]
     if patch_size:
         height, width = images[0].shape
         size_h, size_w = min(patch_size, height), min(patch_size, width)
@@ -164,7 +193,10 @@ def make_training_pair(images, epoch, index, train_sigma, train_noise_model):
     else:
         noisy_images = images[1::2]
     noisy = noisy_images[0]
-    target = {"clean": images[0], "time_partner": noisy_images[-1], "neighbor2neighbor": noisy}[training_target]
+    target = {"clean": images[0], "time_partner": noisy_images[-1], "neighbor2neighbor": noisy,
+              "recorrupted": None}[training_target]
+    if training_target == "recorrupted":  # the clean image is not used: only the noisy one and its sigma
+        noisy, target, sigma = recorrupt(noisy, sigma, rng.standard_normal(noisy.shape, dtype=np.float32))
     if augment:
         if rng.random() < 0.5:
             target, noisy = target[::-1], noisy[::-1]
@@ -194,7 +226,11 @@ def make_batch(indices, epoch, train, train_sigma, train_noise_model, device):
 def training_loss(model, noisy, target, sigma, epoch, first_index):
     """Mean squared error against the target, or the self-supervised Neighbor2Neighbor loss."""
     if training_target != "neighbor2neighbor":
-        return torch.mean((model(noisy, sigma) - target) ** 2)
+        errors = torch.mean((model(noisy, sigma) - target) ** 2, dim=(1, 2, 3))
+        if loss_weighting == "inverse_variance":  # scaled so the loss stays an MSE at the batch's mean sigma
+            weights = 1 / torch.clamp(sigma, min=1e-3) ** 2
+            return torch.sum(errors * weights) / torch.sum(weights)
+        return torch.mean(errors)
     generator = torch.Generator().manual_seed(int(sample_rng(epoch, first_index).integers(2 ** 62)))
     return neighbor2neighbor_loss(model, noisy, sigma, generator)
 
@@ -259,7 +295,8 @@ def resume_settings(n_train):
     return {"arch": arch, "arch_args": arch_args, "seed": seed, "batch_size": batch_size,
             "learning_rate": learning_rate, "lr_schedule": lr_schedule, "fresh_noise": fresh_noise,
             "noise_model": noise_model, "noise_sigma_range": list(noise_sigma_range), "patch_size": patch_size,
-            "augment": augment, "training_target": training_target, "n_train_images": n_train}
+            "augment": augment, "training_target": training_target, "n_train_images": n_train,
+            "zoom_range": list(zoom_range), "gamma_range": list(gamma_range), "loss_weighting": loss_weighting}
 
 
 def training_state(model, optimiser, epoch, history, n_train):
@@ -357,6 +394,8 @@ def main():
     train_noise_model = noise_model or dataset_settings["noise_model"]
     if train_noise_model not in ("gaussian", "rician"):
         raise InputError(f"noise_model={train_noise_model!r}; expected 'gaussian' or 'rician'")
+    if training_target == "recorrupted" and train_noise_model != "gaussian":
+        raise InputError(f"training_target=recorrupted needs Gaussian noise; {dataset_path} has {train_noise_model} noise")
 
     torch.manual_seed(seed)
     model = build_model(arch, arch_args).to(device).to(memory_format=torch.channels_last)

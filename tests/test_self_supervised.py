@@ -1,10 +1,12 @@
 """Self-supervision: time pairs never cross a split, Neighbor2Neighbor never shows the network a target
-pixel, both training targets run end to end, and use-time adaptation improves a poorly matched network."""
+pixel, recorrupted pairs have independent noise, every self-supervised training target runs end to end,
+and use-time adaptation improves a poorly matched network."""
 import numpy as np
 import pytest
 import torch
 
-from common import add_noise, adapt_to_slices, denoise_slices, neighbour_subsample, neighbor2neighbor_loss
+from common import (add_noise, adapt_to_slices, denoise_slices, neighbour_subsample, neighbor2neighbor_loss,
+                    recorrupt)
 from conftest import phantom_volume, run_script, write_nifti
 from models import build_model
 
@@ -71,7 +73,29 @@ def test_the_network_input_never_holds_a_target_pixel():
     assert torch.equal(seen[0], seen_after[0])  # the sub-image the loss trains on is untouched
 
 
-@pytest.mark.parametrize("target", ["time_partner", "neighbor2neighbor"])
+def test_recorrupted_input_and_target_have_independent_noise_around_the_clean_image():
+    """Recorrupted-to-Recorrupted: the input's and the target's noise must be uncorrelated (else the
+    network learns to copy noise), the target unbiased, and the input's sigma as stated."""
+    rng = np.random.default_rng(0)
+    clean = np.full((200_000,), 0.4, dtype=np.float32)
+    sigma = 0.05
+    noisy = add_noise(clean, sigma, "gaussian", rng.standard_normal((2, clean.size), dtype=np.float32))
+    inputs, targets, input_sigma = recorrupt(noisy, sigma, rng.standard_normal(clean.size, dtype=np.float32))
+    input_noise, target_noise = inputs - clean, targets - clean
+    assert abs(np.corrcoef(input_noise, target_noise)[0, 1]) < 0.01
+    assert abs(target_noise.mean()) < 0.001
+    assert input_noise.std() == pytest.approx(input_sigma, rel=0.01)
+    assert input_sigma == pytest.approx(sigma * np.sqrt(1.25))
+
+
+def test_recorrupted_training_refuses_rician_noise(paired_dataset, tmp_path):
+    result = run_script("train_autoencoder", f"--dataset_path={paired_dataset}", f"--models_dir={tmp_path}",
+                        "--training_target=recorrupted", "--noise_model=rician", check=False)
+    assert result.returncode != 0
+    assert "Gaussian" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("target", ["time_partner", "neighbor2neighbor", "recorrupted"])
 def test_self_supervised_training_runs_and_learns(paired_dataset, tmp_path, target):
     run_script("train_autoencoder", f"--dataset_path={paired_dataset}", f"--models_dir={tmp_path}",
                f"--plots_dir={tmp_path}", f"--examples_dir={tmp_path}", "--arch=unet", '--arch_args={"width": 8}',
@@ -92,14 +116,15 @@ def test_time_partner_training_needs_a_paired_dataset(tmp_path, tiny_scan):
     assert "--pairing=time" in result.stderr.strip().splitlines()[-1]
 
 
-def test_adaptation_improves_a_network_that_does_not_fit_the_image():
+@pytest.mark.parametrize("loss", ["recorrupted", "neighbor2neighbor"])
+def test_adaptation_improves_a_network_that_does_not_fit_the_image(loss):
     rng = np.random.default_rng(0)
     clean = np.stack([phantom_volume((48, 48, 1), seed=s)[:, :, 0] / 1000 for s in range(6)]).astype(np.float32)
     noisy = add_noise(clean, 0.08, "gaussian", rng.standard_normal((2, *clean.shape), dtype=np.float32))
     torch.manual_seed(0)
     untrained = build_model("unet", {"width": 8}).eval()  # knows nothing: adaptation must teach it
     adapted, info = adapt_to_slices(untrained, noisy, 0.08, n_steps=150, max_seconds=60, learning_rate=3e-3,
-                                    patch_size=32)
+                                    patch_size=32, loss=loss)
     error_before = np.mean((denoise_slices(untrained, noisy, 0.08) - clean) ** 2)
     error_after = np.mean((denoise_slices(adapted, noisy, 0.08) - clean) ** 2)
     assert info["kept"]

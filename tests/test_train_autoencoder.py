@@ -88,9 +88,23 @@ def test_bad_command_line_is_a_one_line_error(tmp_path, tiny_dataset, override, 
     ("--n_epochs=-2", "n_epochs=-2"),
     ("--batch_size=0", "batch_size=0"),
     ("--batch_size=500", "fewer than batch_size=500"),
+    ("--zoom_range=0.8,1.2", "needs patch_size"),
+    ("--gamma_range=1.2,0.8", "gamma_range=[1.2, 0.8]"),
+    ("--loss_weighting=log", "loss_weighting='log'"),
+    ("--noise_sigma_range=0.02,0.1 --fresh_noise=false", "needs fresh_noise"),
 ])
 def test_bad_settings_are_caught_before_training(tmp_path, tiny_dataset, override, fragment):
-    result = train(tmp_path, tiny_dataset, override, check=False)
+    result = train(tmp_path, tiny_dataset, *override.split(), check=False)
     assert_one_line_error(result, fragment)
     assert "parameters" not in result.stdout  # the training never started
     assert not (tmp_path / "models").exists()
+
+
+def test_zoom_and_contrast_augmentation_train_on_equal_patches(tmp_path, tiny_dataset):
+    """Zoom factors that would shrink a slice below the patch size are raised to fit the patch."""
+    train(tmp_path, tiny_dataset, "--n_epochs=1", "--arch=dncnn", '--arch_args={"depth": 3, "width": 8}',
+          "--patch_size=24", "--augment", "--zoom_range=0.1,1.6", "--gamma_range=0.6,1.6",
+          "--noise_sigma_range=0.02,0.1", "--loss_weighting=inverse_variance")
+    checkpoint = next((tmp_path / "models").glob("*[0-9]images.pt"))
+    settings = torch.load(checkpoint, weights_only=True)["metadata"]["training_settings"]
+    assert settings["zoom_range"] == [0.1, 1.6] and settings["loss_weighting"] == "inverse_variance"

@@ -133,6 +133,25 @@ def test_denoising_removes_noise_in_input_units(trained, tmp_path):
     assert "estimated noise sigma" in result.stdout
 
 
+@pytest.mark.parametrize("loss", ["recorrupted", "neighbor2neighbor"])
+def test_adaptation_runs_on_the_input_and_says_what_it_did(trained, tmp_path, loss):
+    model, _ = trained
+    write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((40, 36, 8))[1])
+    result = denoise(model, tmp_path / "scan.nii.gz", tmp_path / "denoised.nii.gz", "--adapt_steps=5",
+                     f"--adapt_loss={loss}")
+    assert "adaptation: 5 steps" in result.stdout
+    assert nib.load(tmp_path / "denoised.nii.gz").shape == (40, 36, 8)
+
+
+def test_unknown_adaptation_loss_is_one_clear_error(trained, tmp_path):
+    model, _ = trained
+    write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
+    result = denoise(model, tmp_path / "scan.nii.gz", tmp_path / "denoised.nii.gz", "--adapt_steps=5",
+                     "--adapt_loss=noise2void", check=False)
+    assert_one_line_error(result, "adapt_loss='noise2void'")
+    assert not (tmp_path / "denoised.nii.gz").exists()
+
+
 def test_refuses_an_existing_output_without_overwrite(trained, tmp_path):
     model, _ = trained
     write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
