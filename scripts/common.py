@@ -256,6 +256,13 @@ def recorrupt(noisy, sigma, normal_draws, alpha=RECORRUPTION_ALPHA):
     return noisy + alpha * extra, noisy - extra / alpha, sigma * (1 + alpha ** 2) ** 0.5
 
 
+def tsnr_map(series):
+    """Temporal SNR per voxel of a 4D series: mean over time / standard deviation over time."""
+    mean = series.mean(axis=3)
+    std = series.std(axis=3)
+    return np.where(std > 0, mean / np.maximum(std, 1e-12), 0.0)
+
+
 def foreground_mask(volume):
     """Foreground (head) mask of a normalised 3D volume (X, Y, Z): Otsu threshold of the
     lightly smoothed image, holes filled slice by slice, then dilated by one voxel."""

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists,
                     denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics, load_checkpoint, load_nifti,
                     normalise, percentile_range, plot_denoising_grid, run_main, save_figure, save_json,
-                    summarise_metrics)
+                    summarise_metrics, tsnr_map)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = "trained_models/autoencoder_unet_blind_150epochs_672images.pt"
@@ -163,13 +163,6 @@ def output_image(image, denoised, model_name):
         header.set_slope_inter(1.0, 0.0)  # the float32 values are the intensities themselves
     header["descrip"] = f"denoised by mri-denoise {model_name}"[:79].encode()
     return type(image)(denoised.reshape(image.shape), image.affine, header)
-
-
-def tsnr_map(series):
-    """Temporal SNR per voxel of a 4D series: mean over time / standard deviation over time."""
-    mean = series.mean(axis=3)
-    std = series.std(axis=3)
-    return np.where(std > 0, mean / np.maximum(std, 1e-12), 0.0)
 
 
 def plot_report(data, denoised, low, high, sigma):

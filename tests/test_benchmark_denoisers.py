@@ -1,6 +1,8 @@
 """benchmark_denoisers.py end to end on a tiny dataset and a tiny network, in a temporary folder."""
 import json
 
+import numpy as np
+
 from conftest import phantom_volume, run_script, write_nifti
 
 
@@ -12,9 +14,12 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
                f"--examples_dir={tmp_path}", "--arch=unet", '--arch_args={"width": 8}', "--n_epochs=2",
                "--batch_size=8", "--noise_sigma_range=0.03,0.12")
     model = next(p for p in tmp_path.glob("autoencoder_unet_*.pt") if not p.name.endswith(".resume.pt"))
+    series = phantom_volume((40, 36, 3, 6))
+    noisy_series = series + np.random.default_rng(0).normal(0, 0.05 * series.max(), series.shape)
+    real = write_nifti(tmp_path / "series.nii.gz", noisy_series.astype(np.float32))
     run_script("benchmark_denoisers", f"--dataset_path={dataset}", f"--model_paths={model}",
                f"--adapt_model_paths={model}", "--adapt_steps=3", "--sigmas=0.03,0.1", "--main_sigma=0.1",
-               "--n_realisations=1", "--n_tuning_slices=2", "--ood_scans=test_split:coarse",
+               "--n_realisations=1", "--n_tuning_slices=2", "--ood_scans=test_split:coarse", f"--tsnr_scans={real}",
                "--gaussian_widths=0.5,1.0", "--nlm_strengths=0.8", "--update_readme=false", cwd=tmp_path)
     results = json.loads((tmp_path / "denoising_examples" / "benchmark_gaussian.json").read_text())
     rows = results["sweep"]["0.1"]
@@ -29,3 +34,6 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     assert set(results["ood"]) == {"test_split:coarse"}
     assert (tmp_path / "plots" / "psnr_vs_sigma_gaussian.png").stat().st_size > 10_000
     assert (tmp_path / "denoising_examples" / "comparison_gaussian.png").stat().st_size > 10_000
+    tsnr = results["tsnr"][str(real)]
+    assert tsnr["shape"] == [40, 36, 3, 6] and 0.02 < tsnr["estimated_sigma"] < 0.1
+    assert tsnr["median_tsnr"]["BM3D (true sigma)"] > 1.5 * tsnr["median_tsnr"]["noisy input"]
