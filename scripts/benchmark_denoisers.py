@@ -40,6 +40,8 @@ tsnr_scans = ["functional.nii"]             # real 4D series scored without synt
 adapt_model_paths = []                      # these networks also get a "+ adaptation" row: fine-tuned on each
                                             # test set's own noisy slices first (use_trained_autoencoder --adapt_steps)
 adapt_steps = 300
+true_sigma_model_paths = []                 # these noise-map networks also get a row "given the true sigma", the
+                                            # information BM3D gets, instead of the sigma estimated from the slices
 adapt_seconds = 45.0                        # time budget of one adaptation
 adapt_loss = "recorrupted"                  # "recorrupted" or "neighbor2neighbor" (see use_trained_autoencoder.py)
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
@@ -89,11 +91,11 @@ def run_timed(method, noisy, warm_up=True):
     return denoised, (time.perf_counter() - started) / len(noisy)
 
 
-def network_method(model, metadata, adapt=False):
-    """A function noisy -> denoised for one network; noise-map networks get the estimated sigma.
-    With adapt, the network is first fine-tuned on the noisy slices themselves (self-supervised)."""
+def network_method(model, metadata, adapt=False, given_sigma=None):
+    """A function noisy -> denoised for one network; noise-map networks get the estimated sigma, or
+    given_sigma. With adapt, the network is first fine-tuned on the noisy slices themselves (self-supervised)."""
     def denoise(noisy):
-        sigma = estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0
+        sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0)
         adapted = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss)[0] if adapt else model
         return denoise_slices(adapted, noisy, sigma)
     return denoise
@@ -106,6 +108,8 @@ def all_methods(sigma, width, strength, networks):
                "BM3D (true sigma)": lambda n: bm3d_slices(n, sigma)}
     for name, (model, metadata, path) in networks.items():
         methods[name] = network_method(model, metadata)
+        if path in true_sigma_model_paths:
+            methods[name.split(" (")[0] + " given the true sigma"] = network_method(model, metadata, given_sigma=sigma)
         if path in adapt_model_paths:
             methods[name.split(" (")[0] + " + adaptation"] = network_method(model, metadata, adapt=True)
     return methods
@@ -274,9 +278,13 @@ def load_networks():
         model, metadata = load_checkpoint(path)
         name = os.path.splitext(os.path.basename(path))[0].removeprefix("autoencoder_")
         networks[f"{name} ({metadata['n_parameters']:,} parameters)"] = (model, metadata, path)
-    unknown = set(adapt_model_paths) - set(model_paths)
-    if unknown:
-        raise InputError(f"adapt_model_paths {sorted(unknown)} are not in model_paths")
+    for setting, paths in (("adapt_model_paths", adapt_model_paths), ("true_sigma_model_paths", true_sigma_model_paths)):
+        unknown = set(paths) - set(model_paths)
+        if unknown:
+            raise InputError(f"{setting} {sorted(unknown)} are not in model_paths")
+    for model, metadata, path in networks.values():
+        if path in true_sigma_model_paths and not metadata["noise_map"]:
+            raise InputError(f"{path} has no noise-level input: true_sigma_model_paths cannot give it a sigma")
     return networks
 
 
@@ -325,7 +333,8 @@ def main():
     results = {"dataset": dataset_path, "noise_model": model_noise, "n_test_slices": len(data[0]),
                "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()}, "ood": ood_rows, "tsnr": tsnr_rows,
                "tuned_on_val": {str(s): t for s, t in tuned.items()},
-               "models": model_paths, "adapted_models": adapt_model_paths, "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds,
+               "models": model_paths, "adapted_models": adapt_model_paths, "true_sigma_models": true_sigma_model_paths,
+               "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds, "adapt_loss": adapt_loss,
                "torch_threads": torch.get_num_threads()}
     paths = [save_json(results, f"denoising_examples/benchmark{tag}.json"),
              save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, test slices"), f"plots/psnr_vs_sigma{tag}.png"),

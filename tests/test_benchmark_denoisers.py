@@ -18,7 +18,7 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     noisy_series = series + np.random.default_rng(0).normal(0, 0.05 * series.max(), series.shape)
     real = write_nifti(tmp_path / "series.nii.gz", noisy_series.astype(np.float32))
     run_script("benchmark_denoisers", f"--dataset_path={dataset}", f"--model_paths={model}",
-               f"--adapt_model_paths={model}", "--adapt_steps=3", "--sigmas=0.03,0.1", "--main_sigma=0.1",
+               f"--adapt_model_paths={model}", f"--true_sigma_model_paths={model}", "--adapt_steps=3", "--sigmas=0.03,0.1", "--main_sigma=0.1",
                "--n_realisations=1", "--n_tuning_slices=2", "--ood_scans=test_split:coarse", f"--tsnr_scans={real}",
                "--gaussian_widths=0.5,1.0", "--nlm_strengths=0.8", "--update_readme=false", cwd=tmp_path)
     results = json.loads((tmp_path / "denoising_examples" / "benchmark_gaussian.json").read_text())
@@ -29,6 +29,7 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     assert results["tuned_on_val"]["0.1"]["nlm_strength"] == 0.8
     assert any(name.startswith("unet") and "adaptation" not in name for name in names)
     assert any(name.endswith("+ adaptation") for name in names)
+    assert any(name.endswith("given the true sigma") for name in names)
     assert rows["BM3D (true sigma)"]["psnr_mask"]["mean"] > rows["noisy input"]["psnr_mask"]["mean"] + 3
     assert all(row["seconds_per_slice"] > 0 for name, row in rows.items() if name != "noisy input")
     assert set(results["ood"]) == {"test_split:coarse"}
