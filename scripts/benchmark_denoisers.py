@@ -228,19 +228,27 @@ def sweep_table(sweep):
 
 
 def plot_psnr_vs_sigma(sweep, title):
+    """In-mask PSNR of every method over the noise levels (left) and its gain over BM3D (right)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     levels = list(sweep)
+    bm3d = np.array([sweep[s]["BM3D (true sigma)"]["psnr_mask"]["mean"] for s in levels])
     for name in next(iter(sweep.values())):
-        axis.plot(levels, [sweep[s][name]["psnr_mask"]["mean"] for s in levels], marker="o", label=name)
-    axis.set_xlabel("noise sigma ([0, 1] scale)")
-    axis.set_ylabel("PSNR in the head mask (dB)")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
+        psnr = np.array([sweep[s][name]["psnr_mask"]["mean"] for s in levels])
+        (line,) = left.plot(levels, psnr, marker="o", label=name.split(" (")[0] if "parameters" in name else name)
+        if name != "noisy input":  # 7-12 dB below: it would squash the rest
+            right.plot(levels, psnr - bm3d, marker="o", color=line.get_color())
+    right.axhline(0, color="black", linewidth=0.8)
+    left.set_ylabel("PSNR in the head mask (dB)")
+    right.set_ylabel("PSNR - BM3D's (dB)")
+    for axis in (left, right):
+        axis.set_xlabel("noise sigma ([0, 1] scale)")
+        axis.grid(alpha=0.3)
+    figure.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout(rect=(0, 0.16, 1, 1))
     return figure
 
 
