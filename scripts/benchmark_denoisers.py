@@ -44,6 +44,7 @@ true_sigma_model_paths = []                 # these noise-map networks also get 
                                             # information BM3D gets, instead of the sigma estimated from the slices
 adapt_seconds = 45.0                        # time budget of one adaptation
 adapt_loss = "recorrupted"                  # "recorrupted" or "neighbor2neighbor" (see use_trained_autoencoder.py)
+split = "test"                              # the slices scored: "test"; "val" only to choose between networks
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
 update_readme = True                        # write the main table into README.md between the markers
 # ---
@@ -203,7 +204,7 @@ def ood_table(ood_rows):
 
 def markdown_table(rows, sigma, model_noise, n_slices, tuned):
     bm3d_row = rows["BM3D (true sigma)"]
-    lines = [f"{model_noise.capitalize()} noise, sigma {sigma}, {n_slices} test slices (mean +- std over slices; "
+    lines = [f"{model_noise.capitalize()} noise, sigma {sigma}, {n_slices} {split} slices (mean +- std over slices; "
              f"PSNR with data range 1; Gaussian filter width {tuned['gaussian_width']} pixels, non-local means "
              f"h = {tuned['nlm_strength']} sigma):", "",
              "| method | PSNR in mask (dB) | SSIM in mask | PSNR whole image (dB) | SSIM whole image | ms per slice | speed vs BM3D |",
@@ -299,7 +300,9 @@ def load_networks():
 def main():
     apply_overrides(globals())
     torch.set_num_threads(os.cpu_count() or 1)
-    test_clean, test_masks, dataset_settings = unique_clean_slices(dataset_path, "test")
+    if split not in ("test", "val"):
+        raise InputError(f"split={split!r}; expected 'test' or 'val'")
+    test_clean, test_masks, dataset_settings = unique_clean_slices(dataset_path, split)
     val_clean, val_masks, _ = unique_clean_slices(dataset_path, "val")
     pick = np.linspace(0, len(val_clean) - 1, min(n_tuning_slices, len(val_clean))).astype(int)
     test = {"clean": test_clean, "mask": test_masks}
@@ -338,15 +341,15 @@ def main():
         print(f"{name} tSNR: " + ", ".join(f"{k.split(' (')[0]} {v:.1f}" for k, v in medians.items()), flush=True)
     tag = f"{results_name}_{model_noise}"
     rows, outputs, data = main_outputs
-    results = {"dataset": dataset_path, "noise_model": model_noise, "n_test_slices": len(data[0]),
+    results = {"dataset": dataset_path, "noise_model": model_noise, "split": split, "n_slices": len(data[0]),
                "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()}, "ood": ood_rows, "tsnr": tsnr_rows,
                "tuned_on_val": {str(s): t for s, t in tuned.items()},
                "models": model_paths, "adapted_models": adapt_model_paths, "true_sigma_models": true_sigma_model_paths,
                "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds, "adapt_loss": adapt_loss,
                "torch_threads": torch.get_num_threads()}
     paths = [save_json(results, f"denoising_examples/benchmark{tag}.json"),
-             save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, test slices"), f"plots/psnr_vs_sigma{tag}.png"),
-             save_figure(plot_comparison(outputs, data, rows, f"{model_noise} noise, sigma {main_sigma}, a test slice"),
+             save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, {split} slices"), f"plots/psnr_vs_sigma{tag}.png"),
+             save_figure(plot_comparison(outputs, data, rows, f"{model_noise} noise, sigma {main_sigma}, a {split} slice"),
                          f"denoising_examples/comparison{tag}.png", dpi=90)]
     markdown = markdown_table(rows, main_sigma, model_noise, len(data[0]), tuned[main_sigma])
     if len(sweep) > 1:
@@ -355,7 +358,7 @@ def main():
         markdown += "\n\n" + ood_table(ood_rows)
     if tsnr_rows:
         markdown += "\n\n" + tsnr_table(tsnr_rows)
-    if update_readme:
+    if update_readme and split == "test":  # validation numbers choose networks; they are not results
         write_into_readme(markdown, f"benchmark{tag}")
     print("\n" + markdown)
     for path in paths:
