@@ -339,7 +339,7 @@ def main():
         medians = {method_name: median_tsnr(method(slices), shape, head) for method_name, method in methods.items()}
         tsnr_rows[name] = {"median_tsnr": medians, "shape": list(shape), "estimated_sigma": estimated}
         print(f"{name} tSNR: " + ", ".join(f"{k.split(' (')[0]} {v:.1f}" for k, v in medians.items()), flush=True)
-    tag = f"{results_name}_{model_noise}"
+    tag = f"{results_name}_{model_noise}" + ("_val" if split == "val" else "")
     rows, outputs, data = main_outputs
     results = {"dataset": dataset_path, "noise_model": model_noise, "split": split, "n_slices": len(data[0]),
                "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()}, "ood": ood_rows, "tsnr": tsnr_rows,
