@@ -22,7 +22,7 @@ from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
-model_paths = ["trained_models/autoencoder_unet_blind_150epochs_672images.pt",
+model_paths = ["trained_models/autoencoder_shufflenet_blind_200epochs_672images.pt",
                "trained_models/autoencoder_seed_100epochs_672images.pt"]
 noise_model = ""                            # "gaussian" or "rician"; "" = the dataset's
 sigmas = [0.02, 0.04, 0.06, 0.09, 0.12]    # noise levels of the sweep, on the [0, 1] scale
@@ -42,6 +42,7 @@ adapt_model_paths = []                      # these networks also get a "+ adapt
 adapt_steps = 300
 true_sigma_model_paths = []                 # these noise-map networks also get a row "given the true sigma", the
                                             # information BM3D gets, instead of the sigma estimated from the slices
+                                            # (and one "+ adaptation given the true sigma" if also in adapt_model_paths)
 adapt_seconds = 45.0                        # time budget of one adaptation
 adapt_loss = "recorrupted"                  # "recorrupted" or "neighbor2neighbor" (see use_trained_autoencoder.py)
 split = "test"                              # the slices scored: "test"; "val" only to choose between networks
@@ -109,10 +110,13 @@ def all_methods(sigma, width, strength, networks):
                "BM3D (true sigma)": lambda n: bm3d_slices(n, sigma)}
     for name, (model, metadata, path) in networks.items():
         methods[name] = network_method(model, metadata)
+        short = name.split(" (")[0]
         if path in true_sigma_model_paths:
-            methods[name.split(" (")[0] + " given the true sigma"] = network_method(model, metadata, given_sigma=sigma)
+            methods[short + " given the true sigma"] = network_method(model, metadata, given_sigma=sigma)
         if path in adapt_model_paths:
-            methods[name.split(" (")[0] + " + adaptation"] = network_method(model, metadata, adapt=True)
+            methods[short + " + adaptation"] = network_method(model, metadata, adapt=True)
+        if path in adapt_model_paths and path in true_sigma_model_paths:
+            methods[short + " + adaptation given the true sigma"] = network_method(model, metadata, True, sigma)
     return methods
 
 
