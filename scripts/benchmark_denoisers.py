@@ -45,7 +45,8 @@ true_sigma_model_paths = []                 # these noise-map networks also get 
                                             # (and one "+ adaptation given the true sigma" if also in adapt_model_paths)
 adapt_seconds = 45.0                        # time budget of one adaptation
 adapt_loss = "recorrupted"                  # "recorrupted" or "neighbor2neighbor" (see use_trained_autoencoder.py)
-split = "test"                              # the slices scored: "test"; "val" only to choose between networks
+split = "test"                              # the slices scored: "test"; "val" to choose between networks
+                                            # (its outputs and README markers end in _val)
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
 update_readme = True                        # write the main table into README.md between the markers
 # ---
@@ -362,7 +363,7 @@ def main():
         markdown += "\n\n" + ood_table(ood_rows)
     if tsnr_rows:
         markdown += "\n\n" + tsnr_table(tsnr_rows)
-    if update_readme and split == "test":  # validation numbers choose networks; they are not results
+    if update_readme:  # a validation run has its own markers (..._val): it never replaces a test table
         write_into_readme(markdown, f"benchmark{tag}")
     print("\n" + markdown)
     for path in paths:
