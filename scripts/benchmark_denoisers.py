@@ -32,6 +32,8 @@ n_tuning_slices = 6                         # validation slices used to tune Gau
 gaussian_widths = [0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5]   # candidate sigmas of the Gaussian filter, in pixels
 nlm_strengths = [0.6, 0.8, 1.0, 1.2]        # candidate h / sigma of non-local means
 seed = 1234
+batch_size = 16                             # slices per forward pass, as use_trained_autoencoder.py runs them
+                                            # (larger batches outgrow the CPU's caches and run slower)
 ood_scans = ["anatomical.nii", "functional.nii", "phantom_EPI_asc_CLEAR_2_1.PAR",
              "test_split:coarse", "test_split:fine", "test_split:gamma"]
 # out-of-domain test sets, scored at main_sigma: files (in nibabel's test data folder, or any path), or the
@@ -100,7 +102,7 @@ def network_method(model, metadata, adapt=False, given_sigma=None):
     def denoise(noisy):
         sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0)
         adapted = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss)[0] if adapt else model
-        return denoise_slices(adapted, noisy, sigma)
+        return denoise_slices(adapted, noisy, sigma, batch_size)
     return denoise
 
 
