@@ -245,11 +245,14 @@ def plot_psnr_vs_sigma(sweep, title):
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     levels = list(sweep)
     bm3d = np.array([sweep[s]["BM3D (true sigma)"]["psnr_mask"]["mean"] for s in levels])
-    for name in next(iter(sweep.values())):
+    names = list(next(iter(sweep.values())))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    for number, name in enumerate(names):
         psnr = np.array([sweep[s][name]["psnr_mask"]["mean"] for s in levels])
-        (line,) = left.plot(levels, psnr, marker="o", label=name.split(" (")[0] if "parameters" in name else name)
+        style = dict(marker="o", color=colours(number), linestyle="--" if name.endswith("given the true sigma") else "-")
+        left.plot(levels, psnr, label=name.split(" (")[0] if "parameters" in name else name, **style)
         if name != "noisy input":  # 7-12 dB below: it would squash the rest
-            right.plot(levels, psnr - bm3d, marker="o", color=line.get_color())
+            right.plot(levels, psnr - bm3d, **style)
     right.axhline(0, color="black", linewidth=0.8)
     left.set_ylabel("PSNR in the head mask (dB)")
     right.set_ylabel("PSNR - BM3D's (dB)")
