@@ -452,6 +452,14 @@ def neighbor2neighbor_loss(model, noisy, noise_sigma, generator, gamma=1.0, cell
     return torch.sum(errors * cell_weight) / torch.clamp(torch.sum(cell_weight), min=1)
 
 
+def model_in_batches(model, images, noise_sigma, batch_size=16):
+    """The network's output for (n, 1, H, W) images, batch_size at a time to bound memory."""
+    import torch
+    with torch.inference_mode():
+        return torch.cat([model(images[start:start + batch_size], noise_sigma)
+                          for start in range(0, len(images), batch_size)])
+
+
 def masked_pixel_errors(model, noisy_slices, noise_sigma, heldout):
     """Squared errors at the held-out pixels (a boolean (n, H, W) mask, no two of them neighbours) of the
     full-resolution output,
@@ -465,8 +473,7 @@ def masked_pixel_errors(model, noisy_slices, noise_sigma, heldout):
     mask = torch.from_numpy(heldout[:, None])
     kernel = torch.tensor([[0, 0.25, 0], [0.25, 0, 0.25], [0, 0.25, 0]]).reshape(1, 1, 3, 3)
     neighbours = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="reflect"), kernel)  # never the pixel itself
-    with torch.inference_mode():
-        denoised = model(torch.where(mask, neighbours, images), noise_sigma)
+    denoised = model_in_batches(model, torch.where(mask, neighbours, images), noise_sigma)
     return ((denoised - images) ** 2)[mask].numpy()
 
 
@@ -480,11 +487,10 @@ def recorrupted_pixel_errors(model, noisy_slices, noise_sigma, heldout, n_draws=
     mask = torch.from_numpy(heldout[:, None])
     generator = torch.Generator().manual_seed(seed)
     errors = torch.zeros(int(mask.sum()))
-    with torch.inference_mode():
-        for _ in range(n_draws):
-            draws = torch.randn(images.shape, generator=generator)
-            inputs, targets, input_sigma = recorrupt(images, float(noise_sigma), draws)
-            errors += ((model(inputs, input_sigma) - targets) ** 2)[mask] / n_draws
+    for _ in range(n_draws):
+        draws = torch.randn(images.shape, generator=generator)
+        inputs, targets, input_sigma = recorrupt(images, float(noise_sigma), draws)
+        errors += ((model_in_batches(model, inputs, input_sigma) - targets) ** 2)[mask] / n_draws
     return errors.numpy()
 
 
@@ -551,7 +557,8 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     masked_gain = errors_before - masked_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
     recorrupted_gain = r2r_before - recorrupted_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
     kept = bool(all(g.mean() > 2 * g.std() / np.sqrt(max(1, g.size)) for g in (masked_gain, recorrupted_gain)))
-    info = {"loss": loss, "steps": steps, "seconds": time.perf_counter() - started, "heldout_pixels": int(masked_gain.size),
+    info = {"loss": loss, "steps": steps, "seconds": time.perf_counter() - started,
+            "heldout_pixels": int(masked_gain.size),
             "heldout_error_before": float(errors_before.mean()), "heldout_gain": float(masked_gain.mean()),
             "recorrupted_error_before": float(r2r_before.mean()), "recorrupted_gain": float(recorrupted_gain.mean()),
             "kept": kept}
