@@ -396,6 +396,10 @@ def main():
         raise InputError(f"noise_model={train_noise_model!r}; expected 'gaussian' or 'rician'")
     if training_target == "recorrupted" and train_noise_model != "gaussian":
         raise InputError(f"training_target=recorrupted needs Gaussian noise; {dataset_path} has {train_noise_model} noise")
+    if training_target == "recorrupted" and not (train_sigma > 0 or noise_sigma_range):
+        raise InputError(f"training_target=recorrupted needs the noise sigma of the images, and {dataset_path} has "
+                         "none (noise_sigma 0, a real series): use training_target=neighbor2neighbor, or "
+                         "use_trained_autoencoder.py --adapt_steps, which estimates the sigma")
 
     torch.manual_seed(seed)
     model = build_model(arch, arch_args).to(device).to(memory_format=torch.channels_last)
