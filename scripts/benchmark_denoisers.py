@@ -16,9 +16,9 @@ from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
 from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_overrides, bm3d_slices,
-                    check_file_exists, denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics,
-                    load_checkpoint, mean_psnr_in_mask, normalise, percentile_range, run_main, save_figure,
-                    save_json, summarise_metrics, tsnr_map, write_into_readme)
+                    check_file_exists, denoise_slices, denormalise, estimate_noise_sigma, foreground_mask,
+                    image_metrics, load_checkpoint, mean_psnr_in_mask, normalise, percentile_range, run_main,
+                    save_figure, save_json, summarise_metrics, tsnr_map, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -163,21 +163,24 @@ def ood_clean_slices(name, bundled_test):
 
 
 def real_series_slices(name):
-    """A real 4D series (no synthetic noise), normalised: its slices (z * t, X, Y), its shape and head mask."""
+    """A real 4D series (no synthetic noise), normalised: its slices (z * t, X, Y), its shape, head mask and
+    normalisation range."""
     path = name if os.path.exists(name) else os.path.join(os.path.dirname(BUNDLED_SCAN), name)
     check_file_exists(path)
     series = np.asarray(nib.load(path).dataobj, dtype=np.float32)
     if series.ndim != 4 or series.shape[3] < 3:
         raise InputError(f"{path}: tsnr_scans need a 4D series of 3 or more volumes, this has shape {series.shape}")
-    series = normalise(series, *percentile_range(series))
+    low, high = percentile_range(series)
+    series = normalise(series, low, high, clip=False)  # clipping would flatten the brightest voxels' time course
     slices = np.moveaxis(series, (2, 3), (0, 1)).reshape(-1, *series.shape[:2])
-    return slices, series.shape, foreground_mask(series.mean(axis=3))
+    return slices, series.shape, foreground_mask(series.mean(axis=3)), (low, high)
 
 
-def median_tsnr(slices, shape, head):
-    """Median temporal SNR in the head of a series given as its (z * t, X, Y) slices."""
+def median_tsnr(slices, shape, head, intensity_range):
+    """Median temporal SNR in the head of a series given as its normalised (z * t, X, Y) slices, computed in
+    the scan's own intensities (tSNR depends on the offset that normalisation removes)."""
     series = np.moveaxis(slices.reshape(shape[2], shape[3], *shape[:2]), (0, 1), (2, 3))
-    return float(np.median(tsnr_map(series)[head]))
+    return float(np.median(tsnr_map(denormalise(series, *intensity_range))[head]))
 
 
 def tsnr_table(tsnr_rows):
@@ -345,10 +348,11 @@ def main():
                                           for k, v in ood_rows[name].items()), flush=True)
     tsnr_rows = {}
     for name in tsnr_scans:
-        slices, shape, head = real_series_slices(name)
+        slices, shape, head, intensity_range = real_series_slices(name)
         estimated = estimate_noise_sigma(slices)
         methods = all_methods(estimated, tuned[main_sigma]["gaussian_width"], tuned[main_sigma]["nlm_strength"], networks)
-        medians = {method_name: median_tsnr(method(slices), shape, head) for method_name, method in methods.items()}
+        medians = {method_name: median_tsnr(method(slices), shape, head, intensity_range)
+                   for method_name, method in methods.items()}
         tsnr_rows[name] = {"median_tsnr": medians, "shape": list(shape), "estimated_sigma": estimated}
         print(f"{name} tSNR: " + ", ".join(f"{k.split(' (')[0]} {v:.1f}" for k, v in medians.items()), flush=True)
     tag = f"{results_name}_{model_noise}" + ("_val" if split == "val" else "")
