@@ -170,9 +170,9 @@ def main():
     settings = apply_overrides(globals(), aliases={"model": "model_path"})
     if len(shape) != 4 or min(shape) < 1:
         raise InputError(f"shape={shape}; expected four sizes X,Y,Z,T")
-    if len(adapt_shape) != 3 or min(adapt_shape) < 8 or adapt_steps < 1:
-        raise InputError(f"adapt_shape={adapt_shape}, adapt_steps={adapt_steps}; expected three sizes of 8 or more "
-                         "and 1 or more steps")
+    if len(adapt_shape) != 3 or min(adapt_shape[:2]) < 8 or adapt_shape[2] < 1 or adapt_steps < 1:
+        raise InputError(f"adapt_shape={adapt_shape}, adapt_steps={adapt_steps}; expected X,Y of 8 or more, Z of 1 "
+                         "or more, and 1 or more steps")
     check_file_exists(model_path, "checkpoint (train one with scripts/train_autoencoder.py, or give --model)")
     load_before = os.getloadavg()[0]
     folder = work_dir or tempfile.mkdtemp(prefix="benchmark_inference_")
