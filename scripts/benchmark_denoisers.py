@@ -142,6 +142,13 @@ def tuned_parameters(sigma, model_noise, val, rng):
     return width, strength
 
 
+def scan_path(name):
+    """A scan given by path, or by its name in nibabel's test data folder (where the bundled scan lives)."""
+    path = name if os.path.exists(name) else os.path.join(os.path.dirname(BUNDLED_SCAN), name)
+    check_file_exists(path)
+    return path
+
+
 def ood_clean_slices(name, bundled_test):
     """Clean slices and head masks of one out-of-domain test set (see ood_scans)."""
     if name.startswith("test_split:"):
@@ -152,8 +159,7 @@ def ood_clean_slices(name, bundled_test):
         clean = np.stack([np.clip(ndimage.zoom(c, factor, order=3), 0, 1) for c in bundled_test["clean"]])
         masks = np.stack([ndimage.zoom(m.astype(np.float32), factor, order=1) > 0.5 for m in bundled_test["mask"]])
         return clean.astype(np.float32), masks
-    path = name if os.path.exists(name) else os.path.join(os.path.dirname(BUNDLED_SCAN), name)
-    check_file_exists(path)
+    path = scan_path(name)
     volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
     volume = volume[..., 0] if volume.ndim == 4 else volume
     volume = normalise(volume, *percentile_range(volume))
@@ -165,8 +171,7 @@ def ood_clean_slices(name, bundled_test):
 def real_series_slices(name):
     """A real 4D series (no synthetic noise), normalised: its slices (z * t, X, Y), its shape, head mask and
     normalisation range."""
-    path = name if os.path.exists(name) else os.path.join(os.path.dirname(BUNDLED_SCAN), name)
-    check_file_exists(path)
+    path = scan_path(name)
     series = np.asarray(nib.load(path).dataobj, dtype=np.float32)
     if series.ndim != 4 or series.shape[3] < 3:
         raise InputError(f"{path}: tsnr_scans need a 4D series of 3 or more volumes, this has shape {series.shape}")

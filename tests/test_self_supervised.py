@@ -160,3 +160,23 @@ def test_the_held_out_check_never_sees_a_held_out_value():
     masked_pixel_errors(model, noisy, 0.05, heldout)
     masked_pixel_errors(model, changed, 0.05, heldout)
     assert torch.equal(seen[0], seen[1])
+
+
+def test_the_recorrupted_check_is_the_true_error_plus_a_constant():
+    """recorrupted_pixel_errors: a network that returns the clean image scores sigma^2 (1 + 1 / alpha^2), one
+    that returns its input scores sigma^2 (alpha + 1 / alpha)^2; their difference is the identity's true
+    error at the recorrupted noise level, sigma^2 (1 + alpha^2)."""
+    from common import RECORRUPTION_ALPHA as alpha
+    from common import recorrupted_pixel_errors
+    rng = np.random.default_rng(0)
+    clean = rng.random((4, 64, 64), dtype=np.float32)
+    sigma = 0.05
+    noisy = add_noise(clean, sigma, "gaussian", rng.standard_normal((2, *clean.shape), dtype=np.float32))
+    heldout = np.ones(clean.shape, dtype=bool)
+    oracle = lambda x, s: torch.from_numpy(clean[:, None])[:len(x)]  # one batch: 4 slices < 16
+    identity = lambda x, s: x
+    oracle_error = recorrupted_pixel_errors(oracle, noisy, sigma, heldout).mean()
+    identity_error = recorrupted_pixel_errors(identity, noisy, sigma, heldout).mean()
+    assert oracle_error == pytest.approx(sigma ** 2 * (1 + 1 / alpha ** 2), rel=0.03)
+    assert identity_error == pytest.approx(sigma ** 2 * (alpha + 1 / alpha) ** 2, rel=0.03)
+    assert identity_error - oracle_error == pytest.approx(sigma ** 2 * (1 + alpha ** 2), rel=0.1)
