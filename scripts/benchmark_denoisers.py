@@ -37,7 +37,7 @@ batch_size = 16                             # slices per forward pass, as use_tr
 ood_scans = ["anatomical.nii", "functional.nii", "phantom_EPI_asc_CLEAR_2_1.PAR",
              "test_split:coarse", "test_split:fine", "test_split:gamma"]
 # out-of-domain test sets, scored at main_sigma: files (in nibabel's test data folder, or any path), or the
-# test split's clean slices resampled to 2x coarser or 1.5x finer voxels, or with another contrast (gamma 0.6)
+# scored split's clean slices resampled to 2x coarser or 1.5x finer voxels, or with another contrast (gamma 0.6)
 tsnr_scans = ["functional.nii"]             # real 4D series scored without synthetic noise: temporal SNR
 adapt_model_paths = []                      # these networks also get a "+ adaptation" row: fine-tuned on each
                                             # test set's own noisy slices first (use_trained_autoencoder --adapt_steps)

@@ -556,12 +556,14 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     adapted.eval()
     masked_gain = errors_before - masked_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
     recorrupted_gain = r2r_before - recorrupted_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
-    kept = bool(all(g.mean() > 2 * g.std() / np.sqrt(max(1, g.size)) for g in (masked_gain, recorrupted_gain)))
+    masked_z, recorrupted_z = (float(g.mean() / max(g.std() / np.sqrt(max(1, g.size)), 1e-12))
+                               for g in (masked_gain, recorrupted_gain))  # gains in standard errors
+    kept = masked_z > 2 and recorrupted_z > 2
     info = {"loss": loss, "steps": steps, "seconds": time.perf_counter() - started,
             "heldout_pixels": int(masked_gain.size),
             "heldout_error_before": float(errors_before.mean()), "heldout_gain": float(masked_gain.mean()),
             "recorrupted_error_before": float(r2r_before.mean()), "recorrupted_gain": float(recorrupted_gain.mean()),
-            "kept": kept}
+            "heldout_gain_z": masked_z, "recorrupted_gain_z": recorrupted_z, "kept": kept}
     return (adapted if kept else model), info
 
 

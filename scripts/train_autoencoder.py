@@ -49,6 +49,8 @@ augment = False                # random flips, and 90-degree rotations when patc
 zoom_range = []                # resample each clean image by a random factor in [low, high] first, so the
                                # network meets other voxel sizes (supervised training with fresh noise only)
 gamma_range = []               # raise each clean image to a random power in [low, high]: other contrasts
+synthetic_fraction = 0.0       # share of training images replaced by a fresh dead-leaves image (dead_leaves_image):
+                               # flat regions, sharp edges and every scale, which one training scan lacks
 loss_weighting = "none"        # "none": plain MSE; "inverse_variance": each image's MSE divided by its noise
                                # sigma^2, so low noise levels count as much in the loss as they do in PSNR
 val_every = 1                  # epochs between validation passes
@@ -99,6 +101,10 @@ def check_settings(world_size):
             problems.append(f"{name} changes the clean image, so it needs training_target=clean and fresh_noise")
         elif name == "zoom_range" and value and not patch_size:
             problems.append("zoom_range changes the image size, so it needs patch_size (equal-sized patches)")
+    if not 0 <= synthetic_fraction <= 1:
+        problems.append(f"synthetic_fraction={synthetic_fraction}; expected 0 to 1")
+    elif synthetic_fraction and not (training_target == "clean" and fresh_noise):
+        problems.append("synthetic_fraction makes clean images, so it needs training_target=clean and fresh_noise")
     if noise_sigma_range and not fresh_noise:
         problems.append("noise_sigma_range needs fresh_noise: the fixed noise in the dataset has one sigma")
     if loss_weighting not in ("none", "inverse_variance"):
@@ -171,11 +177,36 @@ def sample_rng(epoch, index):
     return np.random.default_rng([seed, epoch, index])
 
 
+def dead_leaves_image(shape, rng, n_discs=300, min_radius=1.5):
+    """A synthetic clean image (H, W) in [0, 1]: the dead-leaves model (Lee, Mumford & Huang 2001; as
+    training data for denoisers, Achddou et al. 2021). Opaque discs of random grey level lie one over
+    another (the first drawn on top); radii have density proportional to r^-3 between min_radius and half
+    the image, so that every scale is present as in natural images; a random Gaussian blur (0.5-1.5 pixels)
+    stands for the scanner's point spread. What no disc covers takes one more grey level."""
+    height, width = shape
+    uniform = rng.random(n_discs)
+    max_radius = max(height, width) / 2
+    radii = (min_radius ** -2 - uniform * (min_radius ** -2 - max_radius ** -2)) ** -0.5  # inverse of the r^-3 CDF
+    centre_rows, centre_columns = rng.uniform(0, height, n_discs), rng.uniform(0, width, n_discs)
+    greys = rng.random(n_discs + 1)
+    image = np.full(shape, greys[-1])
+    rows, columns = np.ogrid[:height, :width]
+    for radius, row, column, grey in zip(radii[::-1], centre_rows[::-1], centre_columns[::-1], greys[-2::-1]):
+        top, left = max(0, int(row - radius)), max(0, int(column - radius))  # the disc's bounding box
+        bottom, right = min(height, int(row + radius) + 2), min(width, int(column + radius) + 2)
+        disc = (rows[top:bottom] - row) ** 2 + (columns[:, left:right] - column) ** 2 <= radius ** 2
+        image[top:bottom, left:right][disc] = grey  # painted last to first: the first disc ends on top
+    return ndimage.gaussian_filter(image, rng.uniform(0.5, 1.5)).astype(np.float32)
+
+
 def make_training_pair(images, epoch, index, train_sigma, train_noise_model):
     """(noisy input, target, sigma) for one image from images = [clean, fixed noisy] (plus [partner clean,
     partner fixed noisy] for Noise2Noise): a random patch, flips/rotations, fresh noise. The target is the
     clean image, or the partner with its own noise, or (neighbor2neighbor) the noisy input itself."""
     rng = sample_rng(epoch, index)
+    if synthetic_fraction and rng.random() < synthetic_fraction:
+        height, width = images[0].shape
+        images = [dead_leaves_image((min(patch_size, height), min(patch_size, width)) if patch_size else (height, width), rng)]
     if zoom_range:  # only the clean image: its noisy copies are made below
         factor = max(rng.uniform(*zoom_range), patch_size / min(images[0].shape))  # still holds a whole patch
         images = [np.clip(ndimage.zoom(images[0], factor, order=3, mode="mirror"), 0, None)]
@@ -296,7 +327,8 @@ def resume_settings(n_train):
             "learning_rate": learning_rate, "lr_schedule": lr_schedule, "fresh_noise": fresh_noise,
             "noise_model": noise_model, "noise_sigma_range": list(noise_sigma_range), "patch_size": patch_size,
             "augment": augment, "training_target": training_target, "n_train_images": n_train,
-            "zoom_range": list(zoom_range), "gamma_range": list(gamma_range), "loss_weighting": loss_weighting}
+            "zoom_range": list(zoom_range), "gamma_range": list(gamma_range), "loss_weighting": loss_weighting,
+            "synthetic_fraction": synthetic_fraction}
 
 
 def training_state(model, optimiser, epoch, history, n_train):

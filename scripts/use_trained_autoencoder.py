@@ -123,7 +123,9 @@ def adapt_model(model, view, low, high, sigma):
                                     loss=adapt_loss)
     verdict = "kept" if info["kept"] else "discarded: no clear gain on held-out pixels, using the trained network"
     print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s, held-out self-supervised error "
-          f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e}; {verdict}")
+          f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e} "
+          f"({info['heldout_gain_z']:.1f} standard errors lower; recorrupted check {info['recorrupted_gain_z']:.1f}; "
+          f"2 needed in both); {verdict}")
     return adapted
 
 

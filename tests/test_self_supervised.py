@@ -135,7 +135,7 @@ def test_adaptation_improves_a_network_that_does_not_fit_the_image(loss):
                                     patch_size=32, loss=loss)
     error_before = np.mean((denoise_slices(untrained, noisy, 0.08) - clean) ** 2)
     error_after = np.mean((denoise_slices(adapted, noisy, 0.08) - clean) ** 2)
-    assert info["kept"]
+    assert info["kept"] and info["heldout_gain_z"] > 2 and info["recorrupted_gain_z"] > 2
     assert error_after < 0.5 * error_before
 
 
@@ -145,6 +145,7 @@ def test_adaptation_that_does_not_help_is_discarded():
     model = build_model("unet", {"width": 8}).eval()
     returned, info = adapt_to_slices(model, noisy, 0.05, n_steps=3, max_seconds=30, learning_rate=0.0)
     assert returned is model and not info["kept"]
+    assert info["heldout_gain_z"] == info["recorrupted_gain_z"] == 0.0
 
 
 def test_the_held_out_check_never_sees_a_held_out_value():

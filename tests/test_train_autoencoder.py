@@ -92,6 +92,8 @@ def test_bad_command_line_is_a_one_line_error(tmp_path, tiny_dataset, override, 
     ("--gamma_range=1.2,0.8", "gamma_range=[1.2, 0.8]"),
     ("--loss_weighting=log", "loss_weighting='log'"),
     ("--noise_sigma_range=0.02,0.1 --fresh_noise=false", "needs fresh_noise"),
+    ("--synthetic_fraction=1.5", "synthetic_fraction=1.5"),
+    ("--synthetic_fraction=0.5 --training_target=recorrupted", "needs training_target=clean"),
 ])
 def test_bad_settings_are_caught_before_training(tmp_path, tiny_dataset, override, fragment):
     result = train(tmp_path, tiny_dataset, *override.split(), check=False)
@@ -108,3 +110,26 @@ def test_zoom_and_contrast_augmentation_train_on_equal_patches(tmp_path, tiny_da
     checkpoint = next((tmp_path / "models").glob("*[0-9]images.pt"))
     settings = torch.load(checkpoint, weights_only=True)["metadata"]["training_settings"]
     assert settings["zoom_range"] == [0.1, 1.6] and settings["loss_weighting"] == "inverse_variance"
+
+
+def test_synthetic_images_replace_the_scan_and_have_flat_regions_and_edges(monkeypatch):
+    import train_autoencoder
+    monkeypatch.setattr(train_autoencoder, "synthetic_fraction", 1.0)
+    monkeypatch.setattr(train_autoencoder, "patch_size", 32)
+    blank_scan = [np.zeros((40, 36), np.float32), np.zeros((40, 36), np.float32)]
+    noisy, target, sigma = train_autoencoder.make_training_pair(blank_scan, epoch=0, index=3, train_sigma=0.05,
+                                                                train_noise_model="gaussian")
+    assert target.shape == noisy.shape == (32, 32) and sigma == 0.05
+    assert 0 <= target.min() and target.max() <= 1 and target.std() > 0.05  # not the blank scan
+    assert 0.04 < np.std(noisy - target) < 0.06
+    image = train_autoencoder.dead_leaves_image((64, 64), np.random.default_rng(1))
+    steps = np.abs(np.diff(image, axis=1))
+    assert np.mean(steps < 0.01) > 0.3 and np.mean(steps > 0.1) > 0.01
+    assert not np.allclose(image, train_autoencoder.dead_leaves_image((64, 64), np.random.default_rng(2)))
+
+
+def test_synthetic_fraction_trains_and_is_recorded(tmp_path, tiny_dataset):
+    train(tmp_path, tiny_dataset, "--n_epochs=1", "--arch=shufflenet", '--arch_args={"depth": 2, "width": 8}',
+          "--patch_size=16", "--augment", "--synthetic_fraction=0.5", "--noise_sigma_range=0.02,0.1")
+    checkpoint = next((tmp_path / "models").glob("*[0-9]images.pt"))
+    assert torch.load(checkpoint, weights_only=True)["metadata"]["training_settings"]["synthetic_fraction"] == 0.5
