@@ -36,8 +36,9 @@ batch_size = 16                             # slices per forward pass, as use_tr
                                             # (larger batches outgrow the CPU's caches and run slower)
 ood_scans = ["anatomical.nii", "functional.nii", "phantom_EPI_asc_CLEAR_2_1.PAR",
              "test_split:coarse", "test_split:fine", "test_split:gamma"]
-# out-of-domain test sets, scored at main_sigma: files (in nibabel's test data folder, or any path), or the
-# scored split's clean slices resampled to 2x coarser or 1.5x finer voxels, or with another contrast (gamma 0.6)
+# out-of-domain test sets, scored at main_sigma: files (in nibabel's test data folder, or any path; every volume of
+# a 4D file), or the scored split's clean slices resampled to 2x coarser or 1.5x finer voxels, or with another
+# contrast (gamma 0.6)
 tsnr_scans = ["functional.nii"]             # real 4D series scored without synthetic noise: temporal SNR
 adapt_model_paths = []                      # these networks also get a "+ adaptation" row: fine-tuned on each
                                             # test set's own noisy slices first (use_trained_autoencoder --adapt_steps)
@@ -160,12 +161,14 @@ def ood_clean_slices(name, bundled_test):
         masks = np.stack([ndimage.zoom(m.astype(np.float32), factor, order=1) > 0.5 for m in bundled_test["mask"]])
         return clean.astype(np.float32), masks
     path = scan_path(name)
-    volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    volume = volume[..., 0] if volume.ndim == 4 else volume
-    volume = normalise(volume, *percentile_range(volume))
-    head = foreground_mask(volume)
-    keep = [z for z in range(volume.shape[2]) if head[:, :, z].mean() >= 0.15]
-    return np.moveaxis(volume[:, :, keep], 2, 0), np.moveaxis(head[:, :, keep], 2, 0)
+    volumes = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    volumes = volumes if volumes.ndim == 4 else volumes[..., None]  # every volume, as the tool denoises them
+    volumes = normalise(volumes, *percentile_range(volumes))
+    head = foreground_mask(volumes.mean(axis=3))
+    keep = [z for z in range(head.shape[2]) if head[:, :, z].mean() >= 0.15]
+    slices = np.moveaxis(volumes[:, :, keep, :], (3, 2), (0, 1)).reshape(-1, *head.shape[:2])  # (t * z, X, Y)
+    masks = np.tile(np.moveaxis(head[:, :, keep], 2, 0), (volumes.shape[3], 1, 1))
+    return slices, masks
 
 
 def real_series_slices(name):

@@ -38,3 +38,19 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     tsnr = results["tsnr"][str(real)]
     assert tsnr["shape"] == [40, 36, 3, 6] and 0.02 < tsnr["estimated_sigma"] < 0.1
     assert tsnr["median_tsnr"]["BM3D (true sigma)"] > 1.5 * tsnr["median_tsnr"]["noisy input"]
+
+
+def test_an_out_of_domain_4d_scan_is_scored_on_every_volume(tmp_path):
+    """As use_trained_autoencoder.py denoises (and adapts on) every volume of a 4D file."""
+    from benchmark_denoisers import ood_clean_slices
+    from common import normalise, percentile_range
+    series = phantom_volume((20, 18, 5, 3))
+    series[:, :, :, 1] *= 0.5  # each volume must come out as itself
+    clean, masks = ood_clean_slices(write_nifti(tmp_path / "series.nii.gz", series), None)
+    n_kept = len(clean) // 3
+    assert clean.shape == (3 * n_kept, 20, 18) and masks.shape == clean.shape and n_kept >= 3
+    expected = normalise(series, *percentile_range(series))
+    for k in range(n_kept):
+        z = next(z for z in range(5) if np.allclose(clean[k], expected[:, :, z, 0]))
+        assert all(np.allclose(clean[t * n_kept + k], expected[:, :, z, t]) for t in (1, 2))
+        assert all(np.array_equal(masks[t * n_kept + k], masks[k]) for t in (1, 2))
