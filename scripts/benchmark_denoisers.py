@@ -48,6 +48,7 @@ true_sigma_model_paths = []                 # these noise-map networks also get 
                                             # (and one "+ adaptation given the true sigma" if also in adapt_model_paths)
 adapt_seconds = 45.0                        # time budget of one adaptation
 adapt_loss = "recorrupted"                  # "recorrupted" or "neighbor2neighbor" (see use_trained_autoencoder.py)
+adapt_heldout_fraction = 0.1                # pixels held out of the adaptation's loss to check it (the same there)
 split = "test"                              # the slices scored: "test"; "val" to choose between networks
                                             # (its outputs and README markers end in _val)
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
@@ -102,7 +103,8 @@ def network_method(model, metadata, adapt=False, given_sigma=None):
     given_sigma. With adapt, the network is first fine-tuned on the noisy slices themselves (self-supervised)."""
     def denoise(noisy):
         sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0)
-        adapted = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss)[0] if adapt else model
+        adapted = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss,
+                                  heldout_fraction=adapt_heldout_fraction)[0] if adapt else model
         return denoise_slices(adapted, noisy, sigma, batch_size)
     return denoise
 
@@ -370,6 +372,7 @@ def main():
                "tuned_on_val": {str(s): t for s, t in tuned.items()},
                "models": model_paths, "adapted_models": adapt_model_paths, "true_sigma_models": true_sigma_model_paths,
                "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds, "adapt_loss": adapt_loss,
+               "adapt_heldout_fraction": adapt_heldout_fraction,
                "torch_threads": torch.get_num_threads()}
     paths = [save_json(results, f"denoising_examples/benchmark{tag}.json"),
              save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, {split} slices"), f"plots/psnr_vs_sigma{tag}.png"),

@@ -540,6 +540,8 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     import torch.nn.functional as F
     if loss not in ADAPTATION_LOSSES:
         raise InputError(f"adaptation loss {loss!r}; expected one of {', '.join(ADAPTATION_LOSSES)}")
+    if not 0 < heldout_fraction < 0.5:  # held-out pixels sit on one colour of a checkerboard
+        raise InputError(f"held-out fraction {heldout_fraction}; expected above 0 and below 0.5")
     noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
     n_slices, height, width = noisy_slices.shape
     rng = np.random.default_rng(seed)

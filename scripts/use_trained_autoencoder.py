@@ -31,6 +31,7 @@ overwrite = False        # allow replacing an existing output file (never the in
 report = False           # also write OUTPUT_report.png: before / after / removed noise, and tSNR for 4D
 adapt_steps = 0          # > 0: first fine-tune the network on this input's own noisy slices (self-supervised)
 adapt_seconds = 45.0     # time budget of that adaptation
+adapt_heldout_fraction = 0.1  # share of the pixels held out of its loss, on which it must prove a gain to be kept
 adapt_loss = "recorrupted"  # its self-supervised loss: "recorrupted" (assumes Gaussian noise of the estimated
                             # sigma, full resolution) or "neighbor2neighbor" (half-resolution sub-images)
 batch_size = 16          # slices per forward pass; larger batches are no faster on a CPU and cost memory
@@ -91,6 +92,8 @@ def check_paths():
         raise InputError(f"dtype={dtype!r}; expected 'float32' or 'input'")
     if adapt_loss not in ADAPTATION_LOSSES:
         raise InputError(f"adapt_loss={adapt_loss!r}; expected one of {', '.join(ADAPTATION_LOSSES)}")
+    if not 0 < adapt_heldout_fraction < 0.5:
+        raise InputError(f"adapt_heldout_fraction={adapt_heldout_fraction}; expected above 0 and below 0.5")
     if adapt_steps < 0 or adapt_seconds <= 0:
         raise InputError(f"adapt_steps={adapt_steps}, adapt_seconds={adapt_seconds}; expected 0 or more steps and above 0 seconds")
     if noise_sigma < 0:
@@ -120,7 +123,7 @@ def sample_slices(view, low, high, n_samples):
 def adapt_model(model, view, low, high, sigma):
     """The network fine-tuned on this input's own slices, or the original when that does not help."""
     adapted, info = adapt_to_slices(model, sample_slices(view, low, high, 64), sigma, adapt_steps, adapt_seconds,
-                                    loss=adapt_loss)
+                                    loss=adapt_loss, heldout_fraction=adapt_heldout_fraction)
     verdict = "kept" if info["kept"] else "discarded: no clear gain on held-out pixels, using the trained network"
     print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s, held-out self-supervised error "
           f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e} "

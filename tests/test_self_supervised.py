@@ -148,6 +148,18 @@ def test_adaptation_that_does_not_help_is_discarded():
     assert info["heldout_gain_z"] == info["recorrupted_gain_z"] == 0.0
 
 
+def test_the_heldout_fraction_sets_how_many_pixels_check_the_adaptation():
+    from common import InputError
+    noisy = np.random.default_rng(1).random((4, 32, 32), dtype=np.float32)
+    model = build_model("unet", {"width": 8}).eval()
+    for fraction in (0.1, 0.3):
+        info = adapt_to_slices(model, noisy, 0.05, n_steps=1, max_seconds=30, learning_rate=0.0,
+                               heldout_fraction=fraction)[1]
+        assert info["heldout_pixels"] == pytest.approx(fraction * noisy.size, rel=0.15)
+    with pytest.raises(InputError, match="held-out fraction 0.5"):
+        adapt_to_slices(model, noisy, 0.05, n_steps=1, max_seconds=30, heldout_fraction=0.5)
+
+
 def test_the_held_out_check_never_sees_a_held_out_value():
     """masked_pixel_errors: changing the noisy value at held-out pixels changes nothing the network sees."""
     from common import masked_pixel_errors

@@ -143,12 +143,14 @@ def test_adaptation_runs_on_the_input_and_says_what_it_did(trained, tmp_path, lo
     assert nib.load(tmp_path / "denoised.nii.gz").shape == (40, 36, 8)
 
 
-def test_unknown_adaptation_loss_is_one_clear_error(trained, tmp_path):
+@pytest.mark.parametrize("override, fragment", [("--adapt_loss=noise2void", "adapt_loss='noise2void'"),
+                                                ("--adapt_heldout_fraction=0.5", "adapt_heldout_fraction=0.5")])
+def test_bad_adaptation_setting_is_one_clear_error(trained, tmp_path, override, fragment):
     model, _ = trained
     write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
     result = denoise(model, tmp_path / "scan.nii.gz", tmp_path / "denoised.nii.gz", "--adapt_steps=5",
-                     "--adapt_loss=noise2void", check=False)
-    assert_one_line_error(result, "adapt_loss='noise2void'")
+                     override, check=False)
+    assert_one_line_error(result, fragment)
     assert not (tmp_path / "denoised.nii.gz").exists()
 
 
