@@ -430,7 +430,9 @@ def slice_noise_sigma(image):
         return 0.0
     sigma = np.median(detail) / MAD_TO_SIGMA
     if np.mean(np.asarray(image) < 0) <= MAGNITUDE_NEGATIVE_FRACTION:
-        dark = local_mean < 2.5 * sigma  # pure magnitude noise averages 1.25 sigma
+        # sigma is still the uncorrected estimate, 0.655-1 times the true one, so this threshold lies at 1.6-2.5
+        # true sigmas: above the 1.25 sigma that pure magnitude noise averages, below any real tissue signal
+        dark = local_mean < 2.5 * sigma
         sigma = np.median(np.where(dark, detail / RAYLEIGH_SPREAD, detail)) / MAD_TO_SIGMA
     return float(sigma)
 
