@@ -337,7 +337,7 @@ def main():
         raise InputError(f"main_sigma={main_sigma} is not one of sigmas={sigmas}")
     networks = load_networks()
     rng = np.random.default_rng(seed)
-    sweep, main_outputs, ood_rows, tuned = {}, None, {}, {}
+    sweep, main_outputs, ood_rows, tuned, estimated_sigmas = {}, None, {}, {}, {}
     for sigma in sigmas:
         width, strength = tuned_parameters(sigma, model_noise, val, rng)
         tuned[sigma] = {"gaussian_width": width, "nlm_strength": strength}
@@ -346,6 +346,7 @@ def main():
         masks = np.repeat(test["mask"], n_realisations, axis=0)
         rows, outputs = score(methods, noisy, clean, masks)
         sweep[sigma] = rows
+        estimated_sigmas[sigma] = estimate_noise_sigma(noisy)  # what the networks without a given sigma were told
         print(f"\n{markdown_table(rows, sigma, model_noise, len(noisy), tuned[sigma])}", flush=True)
         if sigma != main_sigma:
             continue
@@ -370,6 +371,7 @@ def main():
     results = {"dataset": dataset_path, "noise_model": model_noise, "split": split, "n_slices": len(data[0]),
                "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()}, "ood": ood_rows, "tsnr": tsnr_rows,
                "tuned_on_val": {str(s): t for s, t in tuned.items()},
+               "estimated_sigma": {str(s): e for s, e in estimated_sigmas.items()},
                "models": model_paths, "adapted_models": adapt_model_paths, "true_sigma_models": true_sigma_model_paths,
                "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds, "adapt_loss": adapt_loss,
                "adapt_heldout_fraction": adapt_heldout_fraction,

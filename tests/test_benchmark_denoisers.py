@@ -27,6 +27,7 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     assert names[0] == "noisy input" and names[3] == "BM3D (true sigma)"
     assert names[1:3] == ["Gaussian filter (width tuned on val)", "non-local means (h tuned on val)"]
     assert results["tuned_on_val"]["0.1"]["nlm_strength"] == 0.8
+    assert 0.08 < results["estimated_sigma"]["0.1"] < 0.12 and results["estimated_sigma"]["0.03"] < 0.05
     assert any(name.startswith("unet") and "adaptation" not in name for name in names)
     assert any(name.endswith("+ adaptation") for name in names)
     assert any(name.endswith("given the true sigma") for name in names)
