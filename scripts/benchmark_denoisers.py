@@ -16,7 +16,7 @@ from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
 from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_overrides, bm3d_slices,
-                    check_file_exists, denoise_slices, denormalise, estimate_noise_sigma, foreground_mask,
+                    check_file_exists, denoise_adapted, denoise_slices, denormalise, estimate_noise_sigma, foreground_mask,
                     image_metrics, load_checkpoint, mean_psnr_in_mask, normalise, percentile_range, run_main,
                     save_figure, save_json, summarise_metrics, tsnr_map, write_into_readme)
 
@@ -103,9 +103,13 @@ def network_method(model, metadata, adapt=False, given_sigma=None):
     given_sigma. With adapt, the network is first fine-tuned on the noisy slices themselves (self-supervised)."""
     def denoise(noisy):
         sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0)
-        adapted = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss,
-                                  heldout_fraction=adapt_heldout_fraction)[0] if adapt else model
-        return denoise_slices(adapted, noisy, sigma, batch_size)
+        if not adapt:
+            return denoise_slices(model, noisy, sigma, batch_size)
+        adapted, info = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss,
+                                        heldout_fraction=adapt_heldout_fraction)
+        denoise.adaptation = {key: info[key] for key in ("kept", "steps", "heldout_gain_z", "recorrupted_gain_z",
+                                                         "object_fraction")}  # read by score()
+        return denoise_adapted(model, adapted, noisy, sigma, info["object_threshold"], batch_size)
     return denoise
 
 
@@ -133,6 +137,8 @@ def score(methods, noisy, clean, masks):
         denoised, seconds = run_timed(method, noisy, warm_up="adaptation" not in name)
         per_slice = [image_metrics(c, d, m) for c, d, m in zip(clean, denoised, masks)]
         rows[name] = {**summarise_metrics(per_slice), "seconds_per_slice": seconds}
+        if hasattr(method, "adaptation"):
+            rows[name]["adaptation"] = method.adaptation  # kept or not, and its two checks' gains
         outputs[name] = denoised
     return rows, outputs
 
@@ -219,9 +225,16 @@ def ood_table(ood_rows):
     sets = list(ood_rows)
     lines = ["| method | " + " | ".join(sets) + " |", "| --- |" + " --- |" * len(sets)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{ood_rows[s][name]['psnr_mask']['mean']:.2f}" for s in sets) + " |")
+        lines.append(f"| {name} | " + " | ".join(psnr_cell(ood_rows[s][name]) for s in sets) + " |")
     return (f"Out-of-domain test sets, noise sigma {main_sigma}, in-mask PSNR (dB); classical methods tuned on "
-            "the bundled scan's validation slices:\n\n" + "\n".join(lines))
+            "the bundled scan's validation slices; an adaptation the guard did not keep is marked:\n\n"
+            + "\n".join(lines))
+
+
+def psnr_cell(row):
+    """Mean in-mask PSNR, marked when it belongs to an adaptation that was not kept."""
+    rejected = "adaptation" in row and not row["adaptation"]["kept"]
+    return f"{row['psnr_mask']['mean']:.2f}" + (" (not kept)" if rejected else "")
 
 
 def markdown_table(rows, sigma, model_noise, n_slices, tuned):
@@ -246,7 +259,7 @@ def sweep_table(sweep):
     lines = ["| method | " + " | ".join(f"sigma {s}" for s in sweep) + " |",
              "| --- |" + " --- |" * len(sweep)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{sweep[s][name]['psnr_mask']['mean']:.2f}" for s in sweep) + " |")
+        lines.append(f"| {name} | " + " | ".join(psnr_cell(sweep[s][name]) for s in sweep) + " |")
     return "In-mask PSNR (dB) over noise levels:\n\n" + "\n".join(lines)
 
 

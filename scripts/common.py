@@ -275,6 +275,21 @@ def foreground_mask(volume):
     return ndimage.binary_dilation(mask, iterations=1)
 
 
+def object_threshold(denoised_slices):
+    """Otsu threshold between the object and the background of lightly smoothed (n, H, W) slices."""
+    smoothed = ndimage.gaussian_filter(np.asarray(denoised_slices, dtype=np.float32), sigma=(0, 1, 1))
+    return float(threshold_otsu(smoothed)) if smoothed.max() > smoothed.min() else -np.inf
+
+
+def object_region(denoised_slices, threshold, margin=2):
+    """Boolean (n, H, W): the object in denoised slices, slice by slice: lightly smoothed values above
+    threshold, holes filled, grown by `margin` pixels so that its edges belong to it."""
+    region = ndimage.gaussian_filter(np.asarray(denoised_slices, dtype=np.float32), sigma=(0, 1, 1)) > threshold
+    for index in range(len(region)):
+        region[index] = ndimage.binary_dilation(ndimage.binary_fill_holes(region[index]), iterations=margin)
+    return region
+
+
 # --- metrics -----------------------------------------------------------------------------------
 
 def image_metrics(clean, estimate, mask):
@@ -530,11 +545,14 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     """Fine-tune a copy of `model` on a scan's own noisy slices (n, H, W), [0, 1] scale, for n_steps or
     max_seconds, with a self-supervised loss: "recorrupted" (Recorrupted-to-Recorrupted at full
     resolution, needs the noise sigma) or "neighbor2neighbor" (half-resolution sub-images). A random
-    tenth of the pixels is held out of the loss (for neighbor2neighbor, the 2x2 cells holding them), and
-    the adapted copy is kept only if two estimates of its error on those pixels are both lower than the
-    original's by more than twice their standard error: masked_pixel_errors, which can favour
-    over-smoothing (it hides the pixel), and recorrupted_pixel_errors, which scores whole images as they are
-    used but assumes Gaussian noise. Returns (the model to use, a dict describing what happened)."""
+    tenth of the pixels is held out of the loss (for neighbor2neighbor, the 2x2 cells holding them).
+    The adapted copy is meant for the object only (object_region of the original's output, see
+    denoise_adapted): the background is pure noise, which the trained network had learnt to flatten and an
+    adaptation to noisy data flattens less. So the held-out pixels lie in the object, and the copy is kept only
+    if two estimates of its error there are both lower than the original's by more than twice their standard
+    error: masked_pixel_errors, which can favour over-smoothing (it hides the pixel), and
+    recorrupted_pixel_errors, which scores whole images as they are used but assumes Gaussian noise.
+    Returns (the model to use, a dict describing what happened, with the object's threshold)."""
     import copy
     import time
 
@@ -547,10 +565,13 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
     n_slices, height, width = noisy_slices.shape
     rng = np.random.default_rng(seed)
+    trained_output = denoise_slices(model, noisy_slices, noise_sigma)
+    threshold = object_threshold(trained_output)
+    region = object_region(trained_output, threshold)
     # held-out pixels sit on one colour of a checkerboard: no two are neighbours, so the input that
     # masked_pixel_errors builds holds no held-out value at all
     rows, columns = np.indices((height, width))
-    heldout = (rng.random(noisy_slices.shape) < 2 * heldout_fraction) & ((rows + columns) % 2 == 0)
+    heldout = (rng.random(noisy_slices.shape) < 2 * heldout_fraction) & ((rows + columns) % 2 == 0) & region
     # neighbor2neighbor: a 2x2 cell takes part in the loss only if none of its pixels is held out
     cells_used = ~F.pixel_unshuffle(torch.from_numpy(heldout[:, None, :height // 2 * 2, :width // 2 * 2]), 2)
     cells_used = cells_used.all(dim=1).numpy()  # (n, H/2, W/2)
@@ -586,15 +607,26 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     adapted.eval()
     masked_gain = errors_before - masked_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
     recorrupted_gain = r2r_before - recorrupted_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
-    masked_z, recorrupted_z = (float(g.mean() / max(g.std() / np.sqrt(max(1, g.size)), 1e-12))
+    masked_z, recorrupted_z = (float(g.mean() / max(g.std() / np.sqrt(g.size), 1e-12)) if g.size else 0.0
                                for g in (masked_gain, recorrupted_gain))  # gains in standard errors
     kept = masked_z > 2 and recorrupted_z > 2
     info = {"loss": loss, "steps": steps, "seconds": time.perf_counter() - started,
+            "object_threshold": threshold, "object_fraction": float(region.mean()),
             "heldout_pixels": int(masked_gain.size),
             "heldout_error_before": float(errors_before.mean()), "heldout_gain": float(masked_gain.mean()),
             "recorrupted_error_before": float(r2r_before.mean()), "recorrupted_gain": float(recorrupted_gain.mean()),
             "heldout_gain_z": masked_z, "recorrupted_gain_z": recorrupted_z, "kept": kept}
     return (adapted if kept else model), info
+
+
+def denoise_adapted(trained, adapted, noisy_slices, noise_sigma, threshold, batch_size=16):
+    """(n, H, W) slices denoised by the adapted network inside the object (object_region of the trained
+    network's output, with adapt_to_slices's threshold) and by the trained network outside it."""
+    denoised = denoise_slices(trained, noisy_slices, noise_sigma, batch_size)
+    if adapted is trained:
+        return denoised
+    inside = object_region(denoised, threshold)
+    return np.where(inside, denoise_slices(adapted, noisy_slices, noise_sigma, batch_size), denoised)
 
 
 def mean_psnr_in_mask(clean_slices, estimates, masks):

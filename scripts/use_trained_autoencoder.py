@@ -14,9 +14,9 @@ import torch
 from tqdm import tqdm
 
 from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists,
-                    denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics, load_checkpoint, load_nifti,
-                    normalise, percentile_range, plot_denoising_grid, run_main, save_figure, save_json,
-                    summarise_metrics, tsnr_map)
+                    denoise_adapted, denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics,
+                    load_checkpoint, load_nifti, normalise, percentile_range, plot_denoising_grid, run_main,
+                    save_figure, save_json, summarise_metrics, tsnr_map)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = "trained_models/autoencoder_shufflenet_blind_200epochs_672images.pt"
@@ -121,15 +121,16 @@ def sample_slices(view, low, high, n_samples):
 
 
 def adapt_model(model, view, low, high, sigma):
-    """The network fine-tuned on this input's own slices, or the original when that does not help."""
+    """The network fine-tuned on this input's own slices (or the original when that does not help) and the
+    threshold of the object, where the fine-tuned network is used (common.denoise_adapted)."""
     adapted, info = adapt_to_slices(model, sample_slices(view, low, high, 64), sigma, adapt_steps, adapt_seconds,
                                     loss=adapt_loss, heldout_fraction=adapt_heldout_fraction)
     verdict = "kept" if info["kept"] else "discarded: no clear gain on held-out pixels, using the trained network"
     print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s, held-out self-supervised error "
           f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e} "
           f"({info['heldout_gain_z']:.1f} standard errors lower; recorrupted check {info['recorrupted_gain_z']:.1f}; "
-          f"2 needed in both); {verdict}")
-    return adapted
+          f"2 needed in both, checked in the object: {100 * info['object_fraction']:.0f}% of the pixels); {verdict}")
+    return adapted, info["object_threshold"]
 
 
 def trained_sigma_range(metadata):
@@ -137,15 +138,17 @@ def trained_sigma_range(metadata):
     return 0.5 * low, 1.5 * high  # a single-sigma model copes with somewhat lower or higher noise
 
 
-def denoise_volume_slices(model, view, out_view, low, high, sigma):
-    """Denoise every slice of `view` into `out_view`, batch_size slices at a time."""
+def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low, high, sigma):
+    """Denoise every slice of `view` into `out_view`, batch_size slices at a time; `adapted` (when it is not
+    `model`) denoises the object, above object_threshold."""
     n_slices, n_volumes = view.shape[2:]
     total = n_slices * n_volumes
     with tqdm(total=total, desc="denoising", unit="slice") as progress:
         for start in range(0, total, batch_size):
             ks = range(start, min(start + batch_size, total))
             batch = np.stack([view[:, :, k % n_slices, k // n_slices] for k in ks])
-            denoised = denoise_slices(model, normalise(batch, low, high, clip=False), sigma, batch_size)
+            denoised = denoise_adapted(model, adapted, normalise(batch, low, high, clip=False), sigma,
+                                       object_threshold, batch_size)
             for k, image in zip(ks, denoised):
                 out_view[:, :, k % n_slices, k // n_slices] = image * (high - low) + low
             progress.update(len(ks))
@@ -233,10 +236,9 @@ def denoise_nifti(model, metadata):
         print(f"warning: noise sigma {sigma:.4f} lies outside what {os.path.basename(model_path)} was trained for "
               f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
               "expect under- or over-smoothing")
-    if adapt_steps > 0:
-        model = adapt_model(model, view, low, high, sigma)
+    adapted, object_threshold = adapt_model(model, view, low, high, sigma) if adapt_steps > 0 else (model, None)
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
-    denoise_volume_slices(model, view, slices_view(denoised), low, high, sigma)
+    denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma)
     model_name = os.path.basename(model_path)
     result = output_image(image, denoised, model_name)
     atomic_write(output_path, lambda tmp: nib.save(result, tmp))

@@ -31,6 +31,10 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     assert any(name.startswith("unet") and "adaptation" not in name for name in names)
     assert any(name.endswith("+ adaptation") for name in names)
     assert any(name.endswith("given the true sigma") for name in names)
+    adapted_rows = [row for name, row in rows.items() if "adaptation" in name]
+    adapted_rows += [row for name, row in results["ood"]["test_split:coarse"].items() if "adaptation" in name]
+    assert len(adapted_rows) == 4 and all(row["adaptation"]["steps"] == 3 for row in adapted_rows)
+    assert all(isinstance(row["adaptation"]["kept"], bool) for row in adapted_rows)
     assert rows["BM3D (true sigma)"]["psnr_mask"]["mean"] > rows["noisy input"]["psnr_mask"]["mean"] + 3
     assert all(row["seconds_per_slice"] > 0 for name, row in rows.items() if name != "noisy input")
     assert set(results["ood"]) == {"test_split:coarse"}
@@ -55,3 +59,10 @@ def test_an_out_of_domain_4d_scan_is_scored_on_every_volume(tmp_path):
         z = next(z for z in range(5) if np.allclose(clean[k], expected[:, :, z, 0]))
         assert all(np.allclose(clean[t * n_kept + k], expected[:, :, z, t]) for t in (1, 2))
         assert all(np.array_equal(masks[t * n_kept + k], masks[k]) for t in (1, 2))
+
+
+def test_an_adaptation_that_was_not_kept_is_marked_in_the_tables():
+    from benchmark_denoisers import psnr_cell
+    assert psnr_cell({"psnr_mask": {"mean": 27.456}}) == "27.46"
+    assert psnr_cell({"psnr_mask": {"mean": 27.456}, "adaptation": {"kept": True}}) == "27.46"
+    assert psnr_cell({"psnr_mask": {"mean": 27.456}, "adaptation": {"kept": False}}) == "27.46 (not kept)"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import (add_noise, adapt_to_slices, denoise_slices, neighbour_subsample, neighbor2neighbor_loss,
-                    recorrupt)
+from common import (add_noise, adapt_to_slices, denoise_adapted, denoise_slices, neighbour_subsample,
+                    neighbor2neighbor_loss, object_region, object_threshold, recorrupt)
 from conftest import phantom_volume, run_script, write_nifti
 from models import build_model
 
@@ -133,10 +133,57 @@ def test_adaptation_improves_a_network_that_does_not_fit_the_image(loss):
     untrained = build_model("unet", {"width": 8}).eval()  # knows nothing: adaptation must teach it
     adapted, info = adapt_to_slices(untrained, noisy, 0.08, n_steps=150, max_seconds=60, learning_rate=3e-3,
                                     patch_size=32, loss=loss)
-    error_before = np.mean((denoise_slices(untrained, noisy, 0.08) - clean) ** 2)
-    error_after = np.mean((denoise_slices(adapted, noisy, 0.08) - clean) ** 2)
+    before = denoise_slices(untrained, noisy, 0.08)
+    after = denoise_adapted(untrained, adapted, noisy, 0.08, info["object_threshold"])
+    inside = object_region(before, info["object_threshold"])
     assert info["kept"] and info["heldout_gain_z"] > 2 and info["recorrupted_gain_z"] > 2
-    assert error_after < 0.5 * error_before
+    assert np.mean((after - clean)[inside] ** 2) < 0.5 * np.mean((before - clean)[inside] ** 2)
+    assert np.mean((after - clean) ** 2) < np.mean((before - clean) ** 2)
+
+
+def disc_slices(n_slices=2, size=40, radius=10):
+    """Bright discs with a dark hole in the middle, on a black background: (n, size, size)."""
+    rows, columns = np.indices((size, size))
+    distance = np.hypot(rows - size / 2, columns - size / 2)
+    disc = ((distance < radius) & (distance > 3)).astype(np.float32) * 0.8
+    return np.repeat(disc[None], n_slices, axis=0)
+
+
+def test_the_object_region_holds_the_object_its_holes_and_edges_but_not_the_background():
+    slices = disc_slices()
+    region = object_region(slices, object_threshold(slices))
+    assert region[:, 20, 20].all()                   # the hole is filled
+    assert region[:, 20, 20 + 10 + 1].all()          # one pixel beyond the edge
+    assert not region[:, :3, :3].any() and not region[:, 20, 36].any()
+
+
+class Offset(torch.nn.Module):
+    """A stand-in network that adds a constant."""
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.tensor(float(offset)))
+
+    def forward(self, images, noise_sigma):
+        return images + self.offset
+
+
+def test_the_adapted_network_denoises_the_object_and_the_trained_one_the_background():
+    slices = disc_slices()
+    trained, adapted = Offset(0.0), Offset(0.1)
+    threshold = object_threshold(slices)
+    combined = denoise_adapted(trained, adapted, slices, 0.05, threshold)
+    inside = object_region(slices, threshold)
+    np.testing.assert_allclose(combined[inside], slices[inside] + 0.1, atol=1e-6)
+    np.testing.assert_allclose(combined[~inside], slices[~inside], atol=1e-6)
+    np.testing.assert_array_equal(denoise_adapted(trained, trained, slices, 0.05, threshold), slices)
+
+
+def test_the_adaptation_is_checked_on_held_out_pixels_of_the_object_only():
+    noisy = disc_slices(4) + np.random.default_rng(2).normal(0, 0.03, (4, 40, 40)).astype(np.float32)
+    model = Offset(0.0)
+    info = adapt_to_slices(model, noisy, 0.03, n_steps=1, max_seconds=30, learning_rate=0.0)[1]
+    assert 0.2 < info["object_fraction"] < 0.4  # the disc, radius 10 in 40 x 40, and its 2-pixel margin
+    assert info["heldout_pixels"] == pytest.approx(0.1 * info["object_fraction"] * noisy.size, rel=0.2)
 
 
 def test_adaptation_that_does_not_help_is_discarded():
