@@ -139,8 +139,14 @@ def test_adaptation_runs_on_the_input_and_says_what_it_did(trained, tmp_path, lo
     write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((40, 36, 8))[1])
     result = denoise(model, tmp_path / "scan.nii.gz", tmp_path / "denoised.nii.gz", "--adapt_steps=5",
                      f"--adapt_loss={loss}")
-    assert "adaptation: 5 steps" in result.stdout
-    assert nib.load(tmp_path / "denoised.nii.gz").shape == (40, 36, 8)
+    assert "adaptation: 5 steps" in result.stdout and "checked in the object" in result.stdout
+    adapted = nib.load(tmp_path / "denoised.nii.gz").get_fdata()
+    assert adapted.shape == (40, 36, 8)
+    denoise(model, tmp_path / "scan.nii.gz", tmp_path / "plain.nii.gz")
+    plain = nib.load(tmp_path / "plain.nii.gz").get_fdata()
+    corners = np.zeros(plain.shape, dtype=bool)
+    corners[:4, :4] = corners[-4:, -4:] = True  # background: the trained network's output, kept or not
+    np.testing.assert_array_equal(adapted[corners], plain[corners])
 
 
 @pytest.mark.parametrize("override, fragment", [("--adapt_loss=noise2void", "adapt_loss='noise2void'"),
