@@ -16,9 +16,9 @@ from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
 from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_overrides, bm3d_slices,
-                    check_file_exists, denoise_adapted, denoise_slices, denormalise, estimate_noise_sigma, foreground_mask,
-                    image_metrics, load_checkpoint, mean_psnr_in_mask, normalise, percentile_range, run_main,
-                    save_figure, save_json, summarise_metrics, tsnr_map, write_into_readme)
+                    check_file_exists, denoise_adapted, denoise_slices, denormalise, estimate_noise_sigma,
+                    foreground_mask, image_metrics, load_checkpoint, mean_psnr_in_mask, normalise, percentile_range,
+                    run_main, save_figure, save_json, summarise_metrics, tsnr_map, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -100,7 +100,8 @@ def run_timed(method, noisy, warm_up=True):
 
 def network_method(model, metadata, adapt=False, given_sigma=None):
     """A function noisy -> denoised for one network; noise-map networks get the estimated sigma, or
-    given_sigma. With adapt, the network is first fine-tuned on the noisy slices themselves (self-supervised)."""
+    given_sigma. With adapt, the network is first fine-tuned on the noisy slices themselves (self-supervised)
+    and, when the guard keeps it, denoises their object while the trained network denoises the background."""
     def denoise(noisy):
         sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0)
         if not adapt:

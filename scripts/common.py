@@ -547,7 +547,7 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     resolution, needs the noise sigma) or "neighbor2neighbor" (half-resolution sub-images). A random
     tenth of the pixels is held out of the loss (for neighbor2neighbor, the 2x2 cells holding them).
     The adapted copy is meant for the object only (object_region of the original's output, see
-    denoise_adapted): the background is pure noise, which the trained network had learnt to flatten and an
+    denoise_adapted): a background is mostly noise, which the trained network had learnt to flatten and an
     adaptation to noisy data flattens less. So the held-out pixels lie in the object, and the copy is kept only
     if two estimates of its error there are both lower than the original's by more than twice their standard
     error: masked_pixel_errors, which can favour over-smoothing (it hides the pixel), and
