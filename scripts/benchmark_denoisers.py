@@ -221,10 +221,12 @@ def tsnr_table(tsnr_rows):
             + "\n".join(lines))
 
 
-def ood_table(ood_rows):
+def ood_table(ood_rows, reference_sigmas):
     names = list(next(iter(ood_rows.values())))
     sets = list(ood_rows)
-    lines = ["| method | " + " | ".join(sets) + " |", "| --- |" + " --- |" * len(sets)]
+    lines = ["| method | " + " | ".join(sets) + " |", "| --- |" + " --- |" * len(sets),
+             "| *noise sigma of the reference itself (estimated)* | "
+             + " | ".join(f"*{reference_sigmas[s]:.3f}*" for s in sets) + " |"]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(psnr_cell(ood_rows[s][name]) for s in sets) + " |")
     return (f"Out-of-domain test sets, noise sigma {main_sigma}, in-mask PSNR (dB); classical methods tuned on "
@@ -352,6 +354,7 @@ def main():
     networks = load_networks()
     rng = np.random.default_rng(seed)
     sweep, main_outputs, ood_rows, tuned, estimated_sigmas = {}, None, {}, {}, {}
+    reference_sigmas = {split: estimate_noise_sigma(test["clean"])}
     for sigma in sigmas:
         width, strength = tuned_parameters(sigma, model_noise, val, rng)
         tuned[sigma] = {"gaussian_width": width, "nlm_strength": strength}
@@ -367,6 +370,7 @@ def main():
         main_outputs = (rows, outputs, (noisy, clean, masks))
         for name in ood_scans:
             ood_clean, ood_masks = ood_clean_slices(name, test)
+            reference_sigmas[name] = estimate_noise_sigma(ood_clean)  # noise the "clean" reference has itself
             ood_noisy, ood_clean = noisy_versions(ood_clean, sigma, model_noise, rng, 1)
             ood_rows[name] = score(methods, ood_noisy, ood_clean, ood_masks)[0]
             print(f"{name}: " + ", ".join(f"{k.split(' (')[0]} {v['psnr_mask']['mean']:.2f}"
@@ -386,6 +390,7 @@ def main():
                "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()}, "ood": ood_rows, "tsnr": tsnr_rows,
                "tuned_on_val": {str(s): t for s, t in tuned.items()},
                "estimated_sigma": {str(s): e for s, e in estimated_sigmas.items()},
+               "reference_sigma": reference_sigmas,
                "models": model_paths, "adapted_models": adapt_model_paths, "true_sigma_models": true_sigma_model_paths,
                "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds, "adapt_loss": adapt_loss,
                "adapt_heldout_fraction": adapt_heldout_fraction,
@@ -398,7 +403,7 @@ def main():
     if len(sweep) > 1:
         markdown += "\n\n" + sweep_table(sweep)
     if ood_rows:
-        markdown += "\n\n" + ood_table(ood_rows)
+        markdown += "\n\n" + ood_table(ood_rows, reference_sigmas)
     if tsnr_rows:
         markdown += "\n\n" + tsnr_table(tsnr_rows)
     if update_readme:  # a validation run has its own markers (..._val): it never replaces a test table

@@ -38,6 +38,8 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     assert rows["BM3D (true sigma)"]["psnr_mask"]["mean"] > rows["noisy input"]["psnr_mask"]["mean"] + 3
     assert all(row["seconds_per_slice"] > 0 for name, row in rows.items() if name != "noisy input")
     assert set(results["ood"]) == {"test_split:coarse"}
+    assert set(results["reference_sigma"]) == {"test", "test_split:coarse"}
+    assert all(0 <= sigma < 0.03 for sigma in results["reference_sigma"].values())  # a noise-free phantom
     assert (tmp_path / "plots" / "psnr_vs_sigma_gaussian.png").stat().st_size > 10_000
     assert (tmp_path / "denoising_examples" / "comparison_gaussian.png").stat().st_size > 10_000
     tsnr = results["tsnr"][str(real)]
