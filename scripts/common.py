@@ -269,7 +269,7 @@ def foreground_mask(volume):
     smoothed = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), sigma=(1, 1, 0))
     if smoothed.max() <= smoothed.min():
         return np.ones(volume.shape, dtype=bool)
-    mask = smoothed > threshold_otsu(smoothed)
+    mask = smoothed > threshold_otsu(smoothed.ravel())  # flat: a (X, Y, 3) volume is not an RGB image
     for z in range(mask.shape[2]):
         mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
     return ndimage.binary_dilation(mask, iterations=1)
@@ -278,7 +278,7 @@ def foreground_mask(volume):
 def object_threshold(denoised_slices):
     """Otsu threshold between the object and the background of lightly smoothed (n, H, W) slices."""
     smoothed = ndimage.gaussian_filter(np.asarray(denoised_slices, dtype=np.float32), sigma=(0, 1, 1))
-    return float(threshold_otsu(smoothed)) if smoothed.max() > smoothed.min() else -np.inf
+    return float(threshold_otsu(smoothed.ravel())) if smoothed.max() > smoothed.min() else -np.inf
 
 
 def object_region(denoised_slices, threshold, margin=2):
@@ -430,12 +430,13 @@ MAGNITUDE_NEGATIVE_FRACTION = 0.02          # a magnitude image has almost no va
                                             # background about half of that background
 
 
-def slice_noise_sigma(image):
+def slice_noise_sigma(image, magnitude=None):
     """Noise sigma of one 2D slice: the median absolute finest diagonal wavelet coefficient / 0.6745 (Donoho's
     MAD estimate, as scikit-image's estimate_sigma; exact zeros, a background the scanner masked, are left
     out). In a magnitude image (real MRI, Rician noise) pure noise where the image is dark has a Rayleigh
     distribution, which spreads only 0.655 as much as sigma (Henkelman 1985); there the coefficients are
-    divided by 0.655 first, or a scan with much background gets too low a sigma (0.047 for 0.06)."""
+    divided by 0.655 first, or a scan with much background gets too low a sigma (0.047 for 0.06).
+    magnitude: whether the image is one; None guesses it from the values (see estimate_noise_sigma)."""
     import pywt
     coefficients = pywt.dwtn(np.asarray(image, dtype=np.float64), "db2")
     detail, local_mean = np.abs(coefficients["dd"]), coefficients["aa"] / 2  # aa: a weighted sum, weights summing to 2
@@ -444,7 +445,9 @@ def slice_noise_sigma(image):
     if detail.size == 0:
         return 0.0
     sigma = np.median(detail) / MAD_TO_SIGMA
-    if np.mean(np.asarray(image) < 0) <= MAGNITUDE_NEGATIVE_FRACTION:
+    if magnitude is None:
+        magnitude = np.mean(np.asarray(image) < 0) <= MAGNITUDE_NEGATIVE_FRACTION
+    if magnitude:
         # sigma is still the uncorrected estimate, 0.655-1 times the true one, so this threshold lies at 1.6-2.5
         # true sigmas: above the 1.25 sigma that pure magnitude noise averages, below any real tissue signal
         dark = local_mean < 2.5 * sigma
@@ -452,10 +455,13 @@ def slice_noise_sigma(image):
     return float(sigma)
 
 
-def estimate_noise_sigma(slices):
+def estimate_noise_sigma(slices, magnitude=None):
     """Noise sigma of a set of 2D slices (any scale): the median over slices of slice_noise_sigma; the
-    wavelet estimate is biased less by anatomy than the spread of the background is."""
-    return float(np.median([slice_noise_sigma(s) for s in slices]))
+    wavelet estimate is biased less by anatomy than the spread of the background is. magnitude: whether
+    they come from a magnitude image (a scan whose stored values are never negative, as real MRI); None
+    guesses it from the slices themselves (at most 2% negative values), which holds only when their
+    background lies at 0: after the tool's 1-99 percentile scaling any scan has 1% negative values."""
+    return float(np.median([slice_noise_sigma(s, magnitude) for s in slices]))
 
 
 # --- self-supervised training: Neighbor2Neighbor ---------------------------------------------------

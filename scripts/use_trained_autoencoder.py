@@ -226,10 +226,12 @@ def denoise_nifti(model, metadata):
     norm = metadata["normalisation"]
     low, high = robust_range(data, norm["low_percentile"], norm["high_percentile"])
     view = slices_view(data)
-    estimated = estimate_noise_sigma(sample_slices(view, low, high, 24))
+    magnitude = bool(data.min() >= 0)  # a magnitude image: its dark background holds Rayleigh, not Gaussian, noise
+    estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude)
     sigma = noise_sigma or estimated
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
-          f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale"
+          f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale "
+          f"({'a magnitude image: no negative values' if magnitude else 'negative values: Gaussian noise'})"
           + (f", using {sigma:.4f} as given" if noise_sigma else ""))
     sigma_low, sigma_high = trained_sigma_range(metadata)
     if not sigma_low <= sigma <= sigma_high:
