@@ -231,7 +231,7 @@ def denoise_nifti(model, metadata):
     sigma = noise_sigma or estimated
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
           f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale "
-          f"({'a magnitude image: no negative values' if magnitude else 'negative values: not a magnitude image'})"
+          f"({'a magnitude image: no negative values' if magnitude else 'negative values: no magnitude correction'})"
           + (f", using {sigma:.4f} as given" if noise_sigma else ""))
     sigma_low, sigma_high = trained_sigma_range(metadata)
     if not sigma_low <= sigma <= sigma_high:
