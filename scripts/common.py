@@ -425,9 +425,9 @@ def plot_denoising_grid(noisy, denoised, clean, masks, title):
 
 MAD_TO_SIGMA = 0.6745                       # median |x| of a standard normal variable
 RAYLEIGH_SPREAD = np.sqrt(2 - np.pi / 2)    # standard deviation of the magnitude of pure noise, in sigmas
-MAGNITUDE_NEGATIVE_FRACTION = 0.02          # a magnitude image has almost no value below 0: the 1-99 percentile
-                                            # normalisation puts at most 1% there, Gaussian noise on a dark
-                                            # background about half of that background
+MAGNITUDE_NEGATIVE_FRACTION = 0.02          # the guess when the caller does not say: scaled so that the
+                                            # background lies at 0, a magnitude image has almost no value below
+                                            # 0, Gaussian noise on a dark background about half of that background
 
 
 def slice_noise_sigma(image, magnitude=None):
