@@ -16,9 +16,10 @@ from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
 from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_overrides, bm3d_slices,
-                    check_file_exists, denoise_adapted, denoise_slices, denormalise, estimate_noise_sigma,
-                    foreground_mask, image_metrics, load_checkpoint, mean_psnr_in_mask, normalise, percentile_range,
-                    run_main, save_figure, save_json, summarise_metrics, tsnr_map, write_into_readme)
+                    check_file_exists, check_self_ensemble, denoise_adapted, denoise_slices, denormalise,
+                    estimate_noise_sigma, foreground_mask, image_metrics, load_checkpoint, mean_psnr_in_mask,
+                    normalise, percentile_range, run_main, save_figure, save_json, summarise_metrics, tsnr_map,
+                    write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -46,6 +47,9 @@ adapt_steps = 300
 true_sigma_model_paths = []                 # these noise-map networks also get a row "given the true sigma", the
                                             # information BM3D gets, instead of the sigma estimated from the slices
                                             # (and one "+ adaptation given the true sigma" if also in adapt_model_paths)
+self_ensemble_model_paths = []              # these networks also get a "x8 self-ensemble" row: the mean of
+                                            # their outputs over the 8 flips and rotations of each slice
+                                            # (use_trained_autoencoder.py --self_ensemble)
 adapt_seconds = 45.0                        # time budget of one adaptation
 adapt_loss = "recorrupted"                  # "recorrupted" or "neighbor2neighbor" (see use_trained_autoencoder.py)
 adapt_heldout_fraction = 0.1                # pixels held out of the adaptation's loss to check it (the same there)
@@ -98,19 +102,20 @@ def run_timed(method, noisy, warm_up=True):
     return denoised, (time.perf_counter() - started) / len(noisy)
 
 
-def network_method(model, metadata, adapt=False, given_sigma=None):
+def network_method(model, metadata, adapt=False, given_sigma=None, self_ensemble=False):
     """A function noisy -> denoised for one network; noise-map networks get the estimated sigma, or
-    given_sigma. With adapt, the network is first fine-tuned on the noisy slices themselves (self-supervised)
-    and, when the guard keeps it, denoises their object while the trained network denoises the background."""
+    given_sigma; self_ensemble averages its outputs over the 8 orientations of each slice. With adapt, the
+    network is first fine-tuned on the noisy slices themselves (self-supervised) and, when the guard keeps it,
+    denoises their object while the trained network denoises the background."""
     def denoise(noisy):
         sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0)
         if not adapt:
-            return denoise_slices(model, noisy, sigma, batch_size)
+            return denoise_slices(model, noisy, sigma, batch_size, self_ensemble=self_ensemble)
         adapted, info = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss,
                                         heldout_fraction=adapt_heldout_fraction)
         denoise.adaptation = {key: info[key] for key in ("kept", "steps", "heldout_gain_z", "recorrupted_gain_z",
                                                          "object_fraction")}  # read by score()
-        return denoise_adapted(model, adapted, noisy, sigma, info["object_threshold"], batch_size)
+        return denoise_adapted(model, adapted, noisy, sigma, info["object_threshold"], batch_size, self_ensemble)
     return denoise
 
 
@@ -122,6 +127,8 @@ def all_methods(sigma, width, strength, networks):
     for name, (model, metadata, path) in networks.items():
         methods[name] = network_method(model, metadata)
         short = name.split(" (")[0]
+        if path in self_ensemble_model_paths:
+            methods[short + " x8 self-ensemble"] = network_method(model, metadata, self_ensemble=True)
         if path in true_sigma_model_paths:
             methods[short + " given the true sigma"] = network_method(model, metadata, given_sigma=sigma)
         if path in adapt_model_paths:
@@ -294,14 +301,26 @@ def plot_psnr_vs_sigma(sweep, title):
     return figure
 
 
+def compared_methods(rows):
+    """The methods the comparison figure shows: the four classical rows (noisy input, Gaussian filter, non-local
+    means, BM3D), the original (seed) network, the first network of model_paths and the best-scoring one."""
+    names = list(rows)
+    classical, networks = names[:4], names[4:]
+    seed_networks = [name for name in networks if name.startswith("seed")]
+    best = [max(networks, key=lambda name: rows[name]["psnr_mask"]["mean"])] if networks else []
+    return list(dict.fromkeys(classical + seed_networks[:1] + networks[:1] + best))
+
+
 def plot_comparison(outputs, noisy_clean_masks, rows, title):
-    """One test slice through every method: whole slice, a zoomed detail, and the error map."""
+    """One test slice through the compared methods: whole slice, a zoomed detail, and the error map."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     _, clean, masks = noisy_clean_masks
     index = int(np.argmax([m.sum() for m in masks]))
-    panels = [(name, outputs[name][index]) for name in outputs] + [("clean", clean[index])]
+    panels = [(name, outputs[name][index]) for name in compared_methods(rows)] + [("clean", clean[index])]
     height, width = clean[index].shape
     top, left, size = height // 3, width // 3, max(8, min(height, width) // 3)
     figure, axes = plt.subplots(3, len(panels), figsize=(2.2 * len(panels), 7), squeeze=False)
@@ -309,7 +328,7 @@ def plot_comparison(outputs, noisy_clean_masks, rows, title):
         psnr = f"\n{rows[name]['psnr_mask']['mean']:.2f} dB" if name in rows else ""
         axes[0, column].imshow(image.T, cmap="gray", vmin=0, vmax=1, origin="lower")
         axes[0, column].add_patch(plt.Rectangle((top, left), size, size, fill=False, color="yellow"))
-        axes[0, column].set_title(name.split(" (")[0] + psnr, fontsize=8)
+        axes[0, column].set_title(textwrap.fill(name.split(" (")[0], 24) + psnr, fontsize=8)
         axes[1, column].imshow(image[top:top + size, left:left + size].T, cmap="gray", vmin=0, vmax=1, origin="lower")
         axes[2, column].imshow(np.abs(image - clean[index]).T, cmap="magma", vmin=0, vmax=0.15, origin="lower")
     for axis in axes.flat:
@@ -328,13 +347,16 @@ def load_networks():
         model, metadata = load_checkpoint(path)
         name = os.path.splitext(os.path.basename(path))[0].removeprefix("autoencoder_")
         networks[f"{name} ({metadata['n_parameters']:,} parameters)"] = (model, metadata, path)
-    for setting, paths in (("adapt_model_paths", adapt_model_paths), ("true_sigma_model_paths", true_sigma_model_paths)):
+    for setting, paths in (("adapt_model_paths", adapt_model_paths), ("true_sigma_model_paths", true_sigma_model_paths),
+                           ("self_ensemble_model_paths", self_ensemble_model_paths)):
         unknown = set(paths) - set(model_paths)
         if unknown:
             raise InputError(f"{setting} {sorted(unknown)} are not in model_paths")
     for model, metadata, path in networks.values():
         if path in true_sigma_model_paths and not metadata["noise_map"]:
             raise InputError(f"{path} has no noise-level input: true_sigma_model_paths cannot give it a sigma")
+        if path in self_ensemble_model_paths:
+            check_self_ensemble(metadata, path)
     return networks
 
 
@@ -392,6 +414,7 @@ def main():
                "estimated_sigma": {str(s): e for s, e in estimated_sigmas.items()},
                "reference_sigma": reference_sigmas,
                "models": model_paths, "adapted_models": adapt_model_paths, "true_sigma_models": true_sigma_model_paths,
+               "self_ensemble_models": self_ensemble_model_paths,
                "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds, "adapt_loss": adapt_loss,
                "adapt_heldout_fraction": adapt_heldout_fraction,
                "torch_threads": torch.get_num_threads()}

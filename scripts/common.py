@@ -381,11 +381,19 @@ def load_checkpoint(path):
     return model.to(memory_format=torch.channels_last).eval(), checkpoint["metadata"]
 
 
-def denoise_slices(model, noisy_slices, noise_sigma, batch_size=16, device=None):
+def denoise_slices(model, noisy_slices, noise_sigma, batch_size=16, device=None, self_ensemble=False):
     """Run the network over (n, H, W) slices in batches; returns (n, H, W) float32 on the [0, 1] scale.
 
-    noise_sigma is a number or an (n,) array; only networks with a noise map use it."""
+    noise_sigma is a number or an (n,) array; only networks with a noise map use it. self_ensemble: the mean
+    of the network's outputs for the 8 flips and 90-degree rotations of each slice, each turned back
+    (geometric self-ensemble, Timofte et al. 2016, "Seven ways to improve example-based single image super
+    resolution"): for a network trained on all 8 orientations (check_self_ensemble), its errors in each
+    partly average out. 8x the time."""
     import torch
+    if self_ensemble:
+        return np.mean([undo_orientation(denoise_slices(model, oriented(noisy_slices, turns, flip), noise_sigma,
+                                                        batch_size, device), turns, flip)
+                        for turns in range(4) for flip in (False, True)], axis=0)
     device = device or next(model.parameters()).device
     noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
     sigmas = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float32), (len(noisy_slices),))
@@ -397,6 +405,26 @@ def denoise_slices(model, noisy_slices, noise_sigma, batch_size=16, device=None)
             sigma = torch.from_numpy(np.ascontiguousarray(sigmas[start:start + batch_size])).to(device)
             denoised[start:start + batch_size] = model(batch, sigma)[:, 0].float().cpu().numpy()
     return denoised
+
+
+def check_self_ensemble(metadata, path):
+    """The self-ensemble shows a network rotated slices: refuse a network that never saw them in training."""
+    settings = metadata.get("training_settings", {})
+    if not (settings.get("augment") and settings.get("patch_size")):
+        raise InputError(f"{path} was not trained on flipped and rotated square patches (--augment with "
+                         "--patch_size), so a self-ensemble would show it orientations it never saw")
+
+
+def oriented(slices, turns, flip):
+    """(n, H, W) slices rotated by turns x 90 degrees in-plane, then mirrored when flip (a contiguous copy)."""
+    rotated = np.rot90(slices, turns, axes=(1, 2))
+    return np.ascontiguousarray(rotated[:, :, ::-1] if flip else rotated)
+
+
+def undo_orientation(slices, turns, flip):
+    """The inverse of oriented(): slices oriented with (turns, flip) brought back to the original orientation."""
+    unflipped = slices[:, :, ::-1] if flip else slices
+    return np.ascontiguousarray(np.rot90(unflipped, -turns, axes=(1, 2)))
 
 
 def plot_denoising_grid(noisy, denoised, clean, masks, title):
@@ -582,7 +610,7 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     cells_used = ~F.pixel_unshuffle(torch.from_numpy(heldout[:, None, :height // 2 * 2, :width // 2 * 2]), 2)
     cells_used = cells_used.all(dim=1).numpy()  # (n, H/2, W/2)
     errors_before = masked_pixel_errors(model, noisy_slices, noise_sigma, heldout)
-    r2r_before = recorrupted_pixel_errors(model, noisy_slices, noise_sigma, heldout)
+    r2r_before = recorrupted_pixel_errors(model, noisy_slices, noise_sigma, heldout, seed=seed + 1)
     adapted = copy.deepcopy(model).train()
     optimiser = torch.optim.Adam(adapted.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
@@ -612,27 +640,34 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
         steps += 1
     adapted.eval()
     masked_gain = errors_before - masked_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
-    recorrupted_gain = r2r_before - recorrupted_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
+    recorrupted_gain = r2r_before - recorrupted_pixel_errors(adapted, noisy_slices, noise_sigma, heldout,
+                                                             seed=seed + 1)  # not the training's draws
     masked_z, recorrupted_z = (float(g.mean() / max(g.std() / np.sqrt(g.size), 1e-12)) if g.size else 0.0
                                for g in (masked_gain, recorrupted_gain))  # gains in standard errors
     kept = masked_z > 2 and recorrupted_z > 2
     info = {"loss": loss, "steps": steps, "seconds": time.perf_counter() - started,
             "object_threshold": threshold, "object_fraction": float(region.mean()),
             "heldout_pixels": int(masked_gain.size),
-            "heldout_error_before": float(errors_before.mean()), "heldout_gain": float(masked_gain.mean()),
-            "recorrupted_error_before": float(r2r_before.mean()), "recorrupted_gain": float(recorrupted_gain.mean()),
+            "heldout_error_before": mean_or_zero(errors_before), "heldout_gain": mean_or_zero(masked_gain),
+            "recorrupted_error_before": mean_or_zero(r2r_before), "recorrupted_gain": mean_or_zero(recorrupted_gain),
             "heldout_gain_z": masked_z, "recorrupted_gain_z": recorrupted_z, "kept": kept}
     return (adapted if kept else model), info
 
 
-def denoise_adapted(trained, adapted, noisy_slices, noise_sigma, threshold, batch_size=16):
+def mean_or_zero(values):
+    """The mean, or 0 for no values (an image without an object has no held-out pixels): never NaN in a JSON."""
+    return float(values.mean()) if values.size else 0.0
+
+
+def denoise_adapted(trained, adapted, noisy_slices, noise_sigma, threshold, batch_size=16, self_ensemble=False):
     """(n, H, W) slices denoised by the adapted network inside the object (object_region of the trained
     network's output, with adapt_to_slices's threshold) and by the trained network outside it."""
-    denoised = denoise_slices(trained, noisy_slices, noise_sigma, batch_size)
+    denoised = denoise_slices(trained, noisy_slices, noise_sigma, batch_size, self_ensemble=self_ensemble)
     if adapted is trained:
         return denoised
     inside = object_region(denoised, threshold)
-    return np.where(inside, denoise_slices(adapted, noisy_slices, noise_sigma, batch_size), denoised)
+    return np.where(inside, denoise_slices(adapted, noisy_slices, noise_sigma, batch_size,
+                                           self_ensemble=self_ensemble), denoised)
 
 
 def mean_psnr_in_mask(clean_slices, estimates, masks):

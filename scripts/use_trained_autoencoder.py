@@ -14,9 +14,9 @@ import torch
 from tqdm import tqdm
 
 from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists,
-                    denoise_adapted, denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics,
-                    load_checkpoint, load_nifti, normalise, percentile_range, plot_denoising_grid, run_main,
-                    save_figure, save_json, summarise_metrics, tsnr_map)
+                    check_self_ensemble, denoise_adapted, denoise_slices, estimate_noise_sigma, foreground_mask,
+                    image_metrics, load_checkpoint, load_nifti, normalise, percentile_range, plot_denoising_grid,
+                    run_main, save_figure, save_json, summarise_metrics, tsnr_map)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = "trained_models/autoencoder_shufflenet_blind_200epochs_672images.pt"
@@ -34,6 +34,8 @@ adapt_seconds = 45.0     # time budget of that adaptation
 adapt_heldout_fraction = 0.1  # share of the pixels held out of its loss, on which it must prove a gain to be kept
 adapt_loss = "recorrupted"  # its self-supervised loss: "recorrupted" (assumes Gaussian noise of the estimated
                             # sigma, full resolution) or "neighbor2neighbor" (half-resolution sub-images)
+self_ensemble = False    # average the network's outputs over the 8 flips and 90-degree rotations of each slice
+                         # (for networks trained on them): 0.06-0.11 dB better in the benchmark, 8x the time
 batch_size = 16          # slices per forward pass; larger batches are no faster on a CPU and cost memory
 # ---
 
@@ -51,14 +53,14 @@ def load_test_split(path):
 def evaluate_on_test_split(model):
     test, dataset_sigma = load_test_split(dataset_path)
     started = time.perf_counter()
-    denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size)
+    denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size, self_ensemble=self_ensemble)
     seconds_per_slice = (time.perf_counter() - started) / len(denoised)
     noisy_metrics = [image_metrics(c, n, m) for c, n, m in zip(test["clean"], test["noisy"], test["mask"])]
     denoised_metrics = [image_metrics(c, d, m) for c, d, m in zip(test["clean"], denoised, test["mask"])]
     results = {"model": model_path, "dataset": dataset_path, "n_test_slices": len(denoised),
-               "noise_sigma": dataset_sigma, "seconds_per_slice": seconds_per_slice,
+               "noise_sigma": dataset_sigma, "self_ensemble": self_ensemble, "seconds_per_slice": seconds_per_slice,
                "noisy": summarise_metrics(noisy_metrics), "denoised": summarise_metrics(denoised_metrics)}
-    name = os.path.splitext(os.path.basename(model_path))[0]
+    name = os.path.splitext(os.path.basename(model_path))[0] + ("_self_ensemble" if self_ensemble else "")
     paths = [save_json(results, os.path.join(examples_dir, f"metrics_{name}.json"))]
     for n_rows, n_columns in ((2, 3), (5, 3)):
         rows = np.linspace(0, len(denoised) - 1, n_rows).astype(int)
@@ -148,7 +150,7 @@ def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low,
             ks = range(start, min(start + batch_size, total))
             batch = np.stack([view[:, :, k % n_slices, k // n_slices] for k in ks])
             denoised = denoise_adapted(model, adapted, normalise(batch, low, high, clip=False), sigma,
-                                       object_threshold, batch_size)
+                                       object_threshold, batch_size, self_ensemble)
             for k, image in zip(ks, denoised):
                 out_view[:, :, k % n_slices, k // n_slices] = image * (high - low) + low
             progress.update(len(ks))
@@ -169,7 +171,8 @@ def output_image(image, denoised, model_name):
     header.set_data_dtype(out_dtype)
     if dtype != "input":
         header.set_slope_inter(1.0, 0.0)  # the float32 values are the intensities themselves
-    header["descrip"] = f"denoised by mri-denoise {model_name}"[:79].encode()
+    method = "mri-denoise self-ensemble" if self_ensemble else "denoised by mri-denoise"  # 80 bytes at most
+    header["descrip"] = f"{method} {model_name}"[:79].encode()
     return type(image)(denoised.reshape(image.shape), image.affine, header)
 
 
@@ -244,7 +247,7 @@ def denoise_nifti(model, metadata):
     model_name = os.path.basename(model_path)
     result = output_image(image, denoised, model_name)
     atomic_write(output_path, lambda tmp: nib.save(result, tmp))
-    print(f"denoised image written to {output_path}")
+    print(f"denoised image written to {output_path}" + (" (x8 self-ensemble)" if self_ensemble else ""))
     if report:
         report_path = output_path.removesuffix(".gz").removesuffix(".nii") + "_report.png"
         save_figure(plot_report(data, denoised, low, high, sigma), report_path)
@@ -256,6 +259,8 @@ def main():
     if "OMP_NUM_THREADS" not in os.environ:  # a limit the user set wins
         torch.set_num_threads(os.cpu_count() or 1)
     model, metadata = load_checkpoint(model_path)
+    if self_ensemble:
+        check_self_ensemble(metadata, model_path)
     if input_path:
         denoise_nifti(model, metadata)
     else:

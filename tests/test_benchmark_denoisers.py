@@ -12,13 +12,14 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     run_script("make_dataset", f"--input_paths={scan}", f"--output={dataset}", "--target_n_images=200")
     run_script("train_autoencoder", f"--dataset_path={dataset}", f"--models_dir={tmp_path}", f"--plots_dir={tmp_path}",
                f"--examples_dir={tmp_path}", "--arch=unet", '--arch_args={"width": 8}', "--n_epochs=2",
-               "--batch_size=8", "--noise_sigma_range=0.03,0.12")
+               "--batch_size=8", "--noise_sigma_range=0.03,0.12", "--augment", "--patch_size=32")  # for the self-ensemble
     model = next(p for p in tmp_path.glob("autoencoder_unet_*.pt") if not p.name.endswith(".resume.pt"))
     series = phantom_volume((40, 36, 3, 6))
     noisy_series = series + np.random.default_rng(0).normal(0, 0.05 * series.max(), series.shape)
     real = write_nifti(tmp_path / "series.nii.gz", noisy_series.astype(np.float32))
     run_script("benchmark_denoisers", f"--dataset_path={dataset}", f"--model_paths={model}",
-               f"--adapt_model_paths={model}", f"--true_sigma_model_paths={model}", "--adapt_steps=3", "--sigmas=0.03,0.1", "--main_sigma=0.1",
+               f"--adapt_model_paths={model}", f"--true_sigma_model_paths={model}", f"--self_ensemble_model_paths={model}",
+               "--adapt_steps=3", "--sigmas=0.03,0.1", "--main_sigma=0.1",
                "--n_realisations=1", "--n_tuning_slices=2", "--ood_scans=test_split:coarse", f"--tsnr_scans={real}",
                "--gaussian_widths=0.5,1.0", "--nlm_strengths=0.8", "--update_readme=false", cwd=tmp_path)
     results = json.loads((tmp_path / "denoising_examples" / "benchmark_gaussian.json").read_text())
@@ -31,6 +32,9 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     assert any(name.startswith("unet") and "adaptation" not in name for name in names)
     assert any(name.endswith("+ adaptation") for name in names)
     assert any(name.endswith("given the true sigma") for name in names)
+    plain_name = next(name for name in names if name.startswith("unet") and " (" in name)
+    plain_psnr = rows[plain_name]["psnr_mask"]["mean"]
+    assert rows[plain_name.split(" (")[0] + " x8 self-ensemble"]["psnr_mask"]["mean"] != plain_psnr
     adapted_rows = [row for name, row in rows.items() if "adaptation" in name]
     adapted_rows += [row for name, row in results["ood"]["test_split:coarse"].items() if "adaptation" in name]
     assert len(adapted_rows) == 4 and all(row["adaptation"]["steps"] == 3 for row in adapted_rows)
@@ -68,3 +72,15 @@ def test_an_adaptation_that_was_not_kept_is_marked_in_the_tables():
     assert psnr_cell({"psnr_mask": {"mean": 27.456}}) == "27.46"
     assert psnr_cell({"psnr_mask": {"mean": 27.456}, "adaptation": {"kept": True}}) == "27.46"
     assert psnr_cell({"psnr_mask": {"mean": 27.456}, "adaptation": {"kept": False}}) == "27.46 (not kept)"
+
+
+def test_the_comparison_figure_shows_classical_methods_the_seed_the_default_and_the_best():
+    from benchmark_denoisers import compared_methods
+    scores = {"noisy input": 24, "Gaussian filter": 26, "non-local means": 27, "BM3D (true sigma)": 27.8,
+              "shufflenet (1 parameters)": 28.0, "shufflenet x8 self-ensemble": 28.1, "dncnn (2 parameters)": 28.3,
+              "seed_10 (3 parameters)": 25, "seed_100 (3 parameters)": 26.8}
+    rows = {name: {"psnr_mask": {"mean": score}} for name, score in scores.items()}
+    assert compared_methods(rows) == ["noisy input", "Gaussian filter", "non-local means", "BM3D (true sigma)",
+                                      "seed_10 (3 parameters)", "shufflenet (1 parameters)", "dncnn (2 parameters)"]
+    rows["shufflenet (1 parameters)"]["psnr_mask"]["mean"] = 29  # the default is the best: shown once
+    assert compared_methods(rows)[4:] == ["seed_10 (3 parameters)", "shufflenet (1 parameters)"]

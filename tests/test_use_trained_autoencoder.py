@@ -133,6 +133,33 @@ def test_denoising_removes_noise_in_input_units(trained, tmp_path):
     assert "estimated noise sigma" in result.stdout
 
 
+def test_the_self_ensemble_averages_a_network_trained_on_rotated_patches(trained, tmp_path):
+    _, dataset = trained
+    run_script("train_autoencoder", f"--dataset_path={dataset}", "--arch=dncnn", '--arch_args={"depth": 4, "width": 16}',
+               "--n_epochs=3", "--batch_size=8", "--augment", "--patch_size=24", "--output_tag=_rotated",
+               f"--models_dir={tmp_path}", f"--plots_dir={tmp_path}", f"--examples_dir={tmp_path}")
+    (model,) = tmp_path.glob("autoencoder_dncnn_rotated_3epochs_*images.pt")
+    clean, noisy = noisy_phantom((40, 36, 6, 2))
+    write_nifti(tmp_path / "scan.nii.gz", noisy)
+    denoise(model, tmp_path / "scan.nii.gz", tmp_path / "plain.nii.gz")
+    result = denoise(model, tmp_path / "scan.nii.gz", tmp_path / "ensembled.nii.gz", "--self_ensemble")
+    plain, ensembled = (nib.load(tmp_path / f"{name}.nii.gz") for name in ("plain", "ensembled"))
+    head = clean > 0.3 * clean.max()
+    assert not np.allclose(plain.get_fdata(), ensembled.get_fdata())
+    assert np.mean((ensembled.get_fdata()[head] - clean[head]) ** 2) < np.mean((noisy[head] - clean[head]) ** 2)
+    assert f"mri-denoise self-ensemble {model.name}" in ensembled.header["descrip"].tobytes().decode()
+    assert "x8 self-ensemble" in result.stdout
+
+
+def test_the_self_ensemble_refuses_a_network_never_shown_rotated_slices(trained, tmp_path):
+    model, _ = trained  # trained on whole slices without --augment
+    clean, noisy = noisy_phantom((40, 36, 6, 2))
+    write_nifti(tmp_path / "scan.nii.gz", noisy)
+    result = denoise(model, tmp_path / "scan.nii.gz", tmp_path / "out.nii.gz", "--self_ensemble", check=False)
+    assert_one_line_error(result, "was not trained on flipped and rotated")
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
 @pytest.mark.parametrize("loss", ["recorrupted", "neighbor2neighbor"])
 def test_adaptation_runs_on_the_input_and_says_what_it_did(trained, tmp_path, loss):
     model, _ = trained
