@@ -661,7 +661,8 @@ def mean_or_zero(values):
 
 def denoise_adapted(trained, adapted, noisy_slices, noise_sigma, threshold, batch_size=16, self_ensemble=False):
     """(n, H, W) slices denoised by the adapted network inside the object (object_region of the trained
-    network's output, with adapt_to_slices's threshold) and by the trained network outside it."""
+    network's output, with adapt_to_slices's threshold) and by the trained network outside it; self_ensemble
+    runs both as in denoise_slices (the guard compared them without it)."""
     denoised = denoise_slices(trained, noisy_slices, noise_sigma, batch_size, self_ensemble=self_ensemble)
     if adapted is trained:
         return denoised
