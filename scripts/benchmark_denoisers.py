@@ -301,13 +301,18 @@ def plot_psnr_vs_sigma(sweep, title):
     return figure
 
 
+CLASSICAL_METHODS = ("noisy input", "Gaussian filter (width tuned on val)", "non-local means (h tuned on val)",
+                     "BM3D (true sigma)")  # as all_methods names them
+
+
 def compared_methods(rows):
-    """The methods the comparison figure shows: the four classical rows (noisy input, Gaussian filter, non-local
-    means, BM3D), the original (seed) network, the first network of model_paths and the best-scoring one."""
-    names = list(rows)
-    classical, networks = names[:4], names[4:]
+    """The methods the comparison figure shows: the classical ones, the original (seed) network, the first network
+    of model_paths and the best-scoring one as a user can run it (with the sigma it estimates)."""
+    networks = [name for name in rows if name not in CLASSICAL_METHODS]
     seed_networks = [name for name in networks if name.startswith("seed")]
-    best = [max(networks, key=lambda name: rows[name]["psnr_mask"]["mean"])] if networks else []
+    runnable = [name for name in networks if "given the true sigma" not in name]
+    best = [max(runnable, key=lambda name: rows[name]["psnr_mask"]["mean"])] if runnable else []
+    classical = [name for name in CLASSICAL_METHODS if name in rows]
     return list(dict.fromkeys(classical + seed_networks[:1] + networks[:1] + best))
 
 
@@ -328,7 +333,9 @@ def plot_comparison(outputs, noisy_clean_masks, rows, title):
         psnr = f"\n{rows[name]['psnr_mask']['mean']:.2f} dB" if name in rows else ""
         axes[0, column].imshow(image.T, cmap="gray", vmin=0, vmax=1, origin="lower")
         axes[0, column].add_patch(plt.Rectangle((top, left), size, size, fill=False, color="yellow"))
-        axes[0, column].set_title(textwrap.fill(name.split(" (")[0], 24) + psnr, fontsize=8)
+        # wrapped at underscores and spaces, not inside a word
+        title = textwrap.fill(name.split(" (")[0].replace("_", "_ "), 26, break_long_words=False).replace("_ ", "_")
+        axes[0, column].set_title(title + psnr, fontsize=8)
         axes[1, column].imshow(image[top:top + size, left:left + size].T, cmap="gray", vmin=0, vmax=1, origin="lower")
         axes[2, column].imshow(np.abs(image - clean[index]).T, cmap="magma", vmin=0, vmax=0.15, origin="lower")
     for axis in axes.flat:

@@ -391,9 +391,12 @@ def denoise_slices(model, noisy_slices, noise_sigma, batch_size=16, device=None,
     partly average out. 8x the time."""
     import torch
     if self_ensemble:
-        return np.mean([undo_orientation(denoise_slices(model, oriented(noisy_slices, turns, flip), noise_sigma,
-                                                        batch_size, device), turns, flip)
-                        for turns in range(4) for flip in (False, True)], axis=0)
+        total = np.zeros(np.shape(noisy_slices), dtype=np.float32)
+        for turns in range(4):
+            for flip in (False, True):
+                denoised = denoise_slices(model, oriented(noisy_slices, turns, flip), noise_sigma, batch_size, device)
+                total += undo_orientation(denoised, turns, flip)
+        return total / 8
     device = device or next(model.parameters()).device
     noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
     sigmas = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float32), (len(noisy_slices),))
@@ -410,9 +413,11 @@ def denoise_slices(model, noisy_slices, noise_sigma, batch_size=16, device=None,
 def check_self_ensemble(metadata, path):
     """The self-ensemble shows a network rotated slices: refuse a network that never saw them in training."""
     settings = metadata.get("training_settings", {})
-    if not (settings.get("augment") and settings.get("patch_size")):
-        raise InputError(f"{path} was not trained on flipped and rotated square patches (--augment with "
-                         "--patch_size), so a self-ensemble would show it orientations it never saw")
+    # checkpoints written before "all_orientations" existed: judged by their settings (all shipped ones: 64-pixel
+    # patches of 128x96 slices)
+    if not metadata.get("all_orientations", bool(settings.get("augment") and settings.get("patch_size"))):
+        raise InputError(f"{path} was not trained on flipped and rotated square patches (--augment with a "
+                         "--patch_size within its slices), so a self-ensemble would show it orientations it never saw")
 
 
 def oriented(slices, turns, flip):

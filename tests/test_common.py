@@ -137,3 +137,19 @@ def test_the_self_ensemble_turns_every_orientation_back():
     np.testing.assert_allclose(denoise_slices(model, mirrored, 0.05, self_ensemble=True), ensembled[:, ::-1], atol=1e-5)
     # and the plain network is not symmetric, so the checks above could fail
     assert not np.allclose(denoise_slices(model, mirrored, 0.05), plain[:, ::-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("metadata, accepted", [
+    ({"all_orientations": True, "training_settings": {}}, True),
+    ({"all_orientations": False, "training_settings": {"augment": True, "patch_size": 128}}, False),
+    ({"training_settings": {"augment": True, "patch_size": 64}}, True),   # written before "all_orientations"
+    ({"training_settings": {"augment": False, "patch_size": 64}}, False),
+    ({"training_settings": {"augment": True, "patch_size": 0}}, False),   # whole non-square slices: half turns only
+])
+def test_the_self_ensemble_takes_only_networks_trained_on_every_orientation(metadata, accepted):
+    from common import check_self_ensemble
+    if accepted:
+        check_self_ensemble(metadata, "model.pt")
+    else:
+        with pytest.raises(InputError, match="model.pt was not trained on flipped and rotated"):
+            check_self_ensemble(metadata, "model.pt")
