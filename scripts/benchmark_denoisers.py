@@ -334,8 +334,8 @@ def plot_comparison(outputs, noisy_clean_masks, rows, title):
         axes[0, column].imshow(image.T, cmap="gray", vmin=0, vmax=1, origin="lower")
         axes[0, column].add_patch(plt.Rectangle((top, left), size, size, fill=False, color="yellow"))
         # wrapped at underscores and spaces, not inside a word
-        title = textwrap.fill(name.split(" (")[0].replace("_", "_ "), 26, break_long_words=False).replace("_ ", "_")
-        axes[0, column].set_title(title + psnr, fontsize=8)
+        label = textwrap.fill(name.split(" (")[0].replace("_", "_ "), 26, break_long_words=False).replace("_ ", "_")
+        axes[0, column].set_title(label + psnr, fontsize=8)
         axes[1, column].imshow(image[top:top + size, left:left + size].T, cmap="gray", vmin=0, vmax=1, origin="lower")
         axes[2, column].imshow(np.abs(image - clean[index]).T, cmap="magma", vmin=0, vmax=0.15, origin="lower")
     for axis in axes.flat:

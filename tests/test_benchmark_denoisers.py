@@ -85,3 +85,15 @@ def test_the_comparison_figure_shows_classical_methods_the_seed_the_default_and_
                                       "dncnn (2 parameters)"]
     rows["shufflenet (1 parameters)"]["psnr_mask"]["mean"] = 29  # the default is the best: shown once
     assert compared_methods(rows)[4:] == ["seed_10 (3 parameters)", "shufflenet (1 parameters)"]
+
+
+def test_the_comparison_figure_keeps_its_title_and_labels_each_panel():
+    from benchmark_denoisers import CLASSICAL_METHODS, plot_comparison
+    clean = np.random.default_rng(0).random((2, 24, 20), dtype=np.float32)
+    names = [*CLASSICAL_METHODS, "shufflenet_blind_200epochs_672images (1 parameters)"]
+    outputs = {name: clean + 0.01 * k for k, name in enumerate(names)}
+    rows = {name: {"psnr_mask": {"mean": 20.0 + k}} for k, name in enumerate(names)}
+    figure = plot_comparison(outputs, (None, clean, clean > 0.5), rows, "gaussian noise, sigma 0.06, a test slice")
+    assert figure._suptitle.get_text() == "gaussian noise, sigma 0.06, a test slice"
+    titles = [axis.get_title() for axis in figure.axes[:len(names) + 1]]
+    assert titles[-2] == "shufflenet_blind_\n200epochs_672images\n24.00 dB" and titles[-1] == "clean"
