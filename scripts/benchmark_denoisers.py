@@ -119,11 +119,16 @@ def network_method(model, metadata, adapt=False, given_sigma=None, self_ensemble
     return denoise
 
 
+CLASSICAL_METHODS = ("noisy input", "Gaussian filter (width tuned on val)", "non-local means (h tuned on val)",
+                     "BM3D (true sigma)")
+
+
 def all_methods(sigma, width, strength, networks):
-    methods = {"noisy input": lambda n: n,
-               "Gaussian filter (width tuned on val)": lambda n: gaussian_filter_slices(n, width),
-               "non-local means (h tuned on val)": lambda n: nlm_slices(n, sigma, strength),
-               "BM3D (true sigma)": lambda n: bm3d_slices(n, sigma)}
+    noisy, gaussian, nlm, bm3d = CLASSICAL_METHODS
+    methods = {noisy: lambda n: n,
+               gaussian: lambda n: gaussian_filter_slices(n, width),
+               nlm: lambda n: nlm_slices(n, sigma, strength),
+               bm3d: lambda n: bm3d_slices(n, sigma)}
     for name, (model, metadata, path) in networks.items():
         methods[name] = network_method(model, metadata)
         short = name.split(" (")[0]
@@ -299,10 +304,6 @@ def plot_psnr_vs_sigma(sweep, title):
     figure.suptitle(title)
     figure.tight_layout(rect=(0, 0.16, 1, 1))
     return figure
-
-
-CLASSICAL_METHODS = ("noisy input", "Gaussian filter (width tuned on val)", "non-local means (h tuned on val)",
-                     "BM3D (true sigma)")  # as all_methods names them
 
 
 def compared_methods(rows):
