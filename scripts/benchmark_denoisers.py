@@ -19,11 +19,11 @@ from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_
                     check_file_exists, check_self_ensemble, denoise_adapted, denoise_slices, denormalise,
                     estimate_noise_sigma, foreground_mask, image_metrics, load_checkpoint, mean_psnr_in_mask,
                     normalise, percentile_range, run_main, save_figure, save_json, summarise_metrics, tsnr_map,
-                    write_into_readme)
+                    use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
-model_paths = ["trained_models/autoencoder_shufflenet_blind_200epochs_672images.pt",
+model_paths = ["trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt",
                "trained_models/autoencoder_seed_100epochs_672images.pt"]
 noise_model = ""                            # "gaussian" or "rician"; "" = the dataset's
 sigmas = [0.02, 0.04, 0.06, 0.09, 0.12]    # noise levels of the sweep, on the [0, 1] scale
@@ -50,6 +50,10 @@ true_sigma_model_paths = []                 # these noise-map networks also get 
 self_ensemble_model_paths = []              # these networks also get a "x8 self-ensemble" row: the mean of
                                             # their outputs over the 8 flips and rotations of each slice
                                             # (use_trained_autoencoder.py --self_ensemble)
+float32_model_paths = []                    # these networks also get an "in float32" row, when precision picks
+                                            # bfloat16 for the others
+precision = "auto"                          # of the networks, as in use_trained_autoencoder.py: "auto" (bfloat16 on
+                                            # a CPU that computes it natively), "float32" or "bfloat16"
 adapt_seconds = 45.0                        # time budget of one adaptation
 adapt_loss = "recorrupted"                  # "recorrupted" or "neighbor2neighbor" (see use_trained_autoencoder.py)
 adapt_heldout_fraction = 0.1                # pixels held out of the adaptation's loss to check it (the same there)
@@ -102,20 +106,21 @@ def run_timed(method, noisy, warm_up=True):
     return denoised, (time.perf_counter() - started) / len(noisy)
 
 
-def network_method(model, metadata, adapt=False, given_sigma=None, self_ensemble=False):
-    """A function noisy -> denoised for one network; noise-map networks get the estimated sigma, or
-    given_sigma; self_ensemble averages its outputs over the 8 orientations of each slice. With adapt, the
+def network_method(model, metadata, bfloat16, adapt=False, given_sigma=None, self_ensemble=False):
+    """A function noisy -> denoised for one network, in bfloat16 or float32; noise-map networks get the estimated
+    sigma, or given_sigma; self_ensemble averages its outputs over the 8 orientations of each slice. With adapt, the
     network is first fine-tuned on the noisy slices themselves (self-supervised) and, when the guard keeps it,
     denoises their object while the trained network denoises the background."""
     def denoise(noisy):
         sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0)
         if not adapt:
-            return denoise_slices(model, noisy, sigma, batch_size, self_ensemble=self_ensemble)
+            return denoise_slices(model, noisy, sigma, batch_size, self_ensemble=self_ensemble, bfloat16=bfloat16)
         adapted, info = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss,
                                         heldout_fraction=adapt_heldout_fraction)
         denoise.adaptation = {key: info[key] for key in ("kept", "steps", "heldout_gain_z", "recorrupted_gain_z",
                                                          "object_fraction")}  # read by score()
-        return denoise_adapted(model, adapted, noisy, sigma, info["object_threshold"], batch_size, self_ensemble)
+        return denoise_adapted(model, adapted, noisy, sigma, info["object_threshold"], batch_size, self_ensemble,
+                               bfloat16)
     return denoise
 
 
@@ -123,23 +128,26 @@ CLASSICAL_METHODS = ("noisy input", "Gaussian filter (width tuned on val)", "non
                      "BM3D (true sigma)")
 
 
-def all_methods(sigma, width, strength, networks):
+def all_methods(sigma, width, strength, networks, bfloat16):
     noisy, gaussian, nlm, bm3d = CLASSICAL_METHODS
     methods = {noisy: lambda n: n,
                gaussian: lambda n: gaussian_filter_slices(n, width),
                nlm: lambda n: nlm_slices(n, sigma, strength),
                bm3d: lambda n: bm3d_slices(n, sigma)}
     for name, (model, metadata, path) in networks.items():
-        methods[name] = network_method(model, metadata)
+        methods[name] = network_method(model, metadata, bfloat16)
         short = name.split(" (")[0]
+        if path in float32_model_paths and bfloat16:
+            methods[short + " in float32"] = network_method(model, metadata, False)
         if path in self_ensemble_model_paths:
-            methods[short + " x8 self-ensemble"] = network_method(model, metadata, self_ensemble=True)
+            methods[short + " x8 self-ensemble"] = network_method(model, metadata, bfloat16, self_ensemble=True)
         if path in true_sigma_model_paths:
-            methods[short + " given the true sigma"] = network_method(model, metadata, given_sigma=sigma)
+            methods[short + " given the true sigma"] = network_method(model, metadata, bfloat16, given_sigma=sigma)
         if path in adapt_model_paths:
-            methods[short + " + adaptation"] = network_method(model, metadata, adapt=True)
+            methods[short + " + adaptation"] = network_method(model, metadata, bfloat16, adapt=True)
         if path in adapt_model_paths and path in true_sigma_model_paths:
-            methods[short + " + adaptation given the true sigma"] = network_method(model, metadata, True, sigma)
+            methods[short + " + adaptation given the true sigma"] = network_method(model, metadata, bfloat16, True,
+                                                                                   sigma)
     return methods
 
 
@@ -252,11 +260,11 @@ def psnr_cell(row):
     return f"{row['psnr_mask']['mean']:.2f}" + (" (not kept)" if rejected else "")
 
 
-def markdown_table(rows, sigma, model_noise, n_slices, tuned):
+def markdown_table(rows, sigma, model_noise, n_slices, tuned, bfloat16):
     bm3d_row = rows["BM3D (true sigma)"]
     lines = [f"{model_noise.capitalize()} noise, sigma {sigma}, {n_slices} {split} slices (mean +- std over slices; "
              f"PSNR with data range 1; Gaussian filter width {tuned['gaussian_width']} pixels, non-local means "
-             f"h = {tuned['nlm_strength']} sigma):", "",
+             f"h = {tuned['nlm_strength']} sigma; networks in {'bfloat16' if bfloat16 else 'float32'}):", "",
              "| method | PSNR in mask (dB) | SSIM in mask | PSNR whole image (dB) | SSIM whole image | ms per slice | speed vs BM3D |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in rows.items():
@@ -356,7 +364,8 @@ def load_networks():
         name = os.path.splitext(os.path.basename(path))[0].removeprefix("autoencoder_")
         networks[f"{name} ({metadata['n_parameters']:,} parameters)"] = (model, metadata, path)
     for setting, paths in (("adapt_model_paths", adapt_model_paths), ("true_sigma_model_paths", true_sigma_model_paths),
-                           ("self_ensemble_model_paths", self_ensemble_model_paths)):
+                           ("self_ensemble_model_paths", self_ensemble_model_paths),
+                           ("float32_model_paths", float32_model_paths)):
         unknown = set(paths) - set(model_paths)
         if unknown:
             raise InputError(f"{setting} {sorted(unknown)} are not in model_paths")
@@ -382,19 +391,20 @@ def main():
     if main_sigma not in sigmas:
         raise InputError(f"main_sigma={main_sigma} is not one of sigmas={sigmas}")
     networks = load_networks()
+    bfloat16 = use_bfloat16(precision, torch.device("cpu"))
     rng = np.random.default_rng(seed)
     sweep, main_outputs, ood_rows, tuned, estimated_sigmas = {}, None, {}, {}, {}
     reference_sigmas = {split: estimate_noise_sigma(test["clean"])}
     for sigma in sigmas:
         width, strength = tuned_parameters(sigma, model_noise, val, rng)
         tuned[sigma] = {"gaussian_width": width, "nlm_strength": strength}
-        methods = all_methods(sigma, width, strength, networks)
+        methods = all_methods(sigma, width, strength, networks, bfloat16)
         noisy, clean = noisy_versions(test["clean"], sigma, model_noise, rng, n_realisations)
         masks = np.repeat(test["mask"], n_realisations, axis=0)
         rows, outputs = score(methods, noisy, clean, masks)
         sweep[sigma] = rows
         estimated_sigmas[sigma] = estimate_noise_sigma(noisy)  # what the networks without a given sigma were told
-        print(f"\n{markdown_table(rows, sigma, model_noise, len(noisy), tuned[sigma])}", flush=True)
+        print(f"\n{markdown_table(rows, sigma, model_noise, len(noisy), tuned[sigma], bfloat16)}", flush=True)
         if sigma != main_sigma:
             continue
         main_outputs = (rows, outputs, (noisy, clean, masks))
@@ -409,7 +419,8 @@ def main():
     for name in tsnr_scans:
         slices, shape, head, intensity_range = real_series_slices(name)
         estimated = estimate_noise_sigma(slices)
-        methods = all_methods(estimated, tuned[main_sigma]["gaussian_width"], tuned[main_sigma]["nlm_strength"], networks)
+        methods = all_methods(estimated, tuned[main_sigma]["gaussian_width"], tuned[main_sigma]["nlm_strength"], networks,
+                              bfloat16)
         medians = {method_name: median_tsnr(method(slices), shape, head, intensity_range)
                    for method_name, method in methods.items()}
         tsnr_rows[name] = {"median_tsnr": medians, "shape": list(shape), "estimated_sigma": estimated}
@@ -422,7 +433,8 @@ def main():
                "estimated_sigma": {str(s): e for s, e in estimated_sigmas.items()},
                "reference_sigma": reference_sigmas,
                "models": model_paths, "adapted_models": adapt_model_paths, "true_sigma_models": true_sigma_model_paths,
-               "self_ensemble_models": self_ensemble_model_paths,
+               "self_ensemble_models": self_ensemble_model_paths, "float32_models": float32_model_paths,
+               "precision": "bfloat16" if bfloat16 else "float32",
                "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds, "adapt_loss": adapt_loss,
                "adapt_heldout_fraction": adapt_heldout_fraction,
                "torch_threads": torch.get_num_threads()}
@@ -430,7 +442,7 @@ def main():
              save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, {split} slices"), f"plots/psnr_vs_sigma{tag}.png"),
              save_figure(plot_comparison(outputs, data, rows, f"{model_noise} noise, sigma {main_sigma}, a {split} slice"),
                          f"denoising_examples/comparison{tag}.png", dpi=90)]
-    markdown = markdown_table(rows, main_sigma, model_noise, len(data[0]), tuned[main_sigma])
+    markdown = markdown_table(rows, main_sigma, model_noise, len(data[0]), tuned[main_sigma], bfloat16)
     if len(sweep) > 1:
         markdown += "\n\n" + sweep_table(sweep)
     if ood_rows:

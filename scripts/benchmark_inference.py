@@ -25,7 +25,7 @@ from common import (InputError, add_noise, apply_overrides, bm3d_slices, check_f
                     normalise, package_versions, percentile_range, run_main, save_json, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
-model_path = "trained_models/autoencoder_shufflenet_blind_200epochs_672images.pt"
+model_path = "trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt"
 shape = [64, 64, 30, 300]         # X, Y, Z, T of the synthetic series
 voxel_size_mm = 3.5
 repetition_time_s = 2.0

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from conftest import phantom_volume, run_script, write_nifti
 
@@ -19,6 +20,7 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     real = write_nifti(tmp_path / "series.nii.gz", noisy_series.astype(np.float32))
     run_script("benchmark_denoisers", f"--dataset_path={dataset}", f"--model_paths={model}",
                f"--adapt_model_paths={model}", f"--true_sigma_model_paths={model}", f"--self_ensemble_model_paths={model}",
+               f"--float32_model_paths={model}", "--precision=bfloat16",
                "--adapt_steps=3", "--sigmas=0.03,0.1", "--main_sigma=0.1",
                "--n_realisations=1", "--n_tuning_slices=2", "--ood_scans=test_split:coarse", f"--tsnr_scans={real}",
                "--gaussian_widths=0.5,1.0", "--nlm_strengths=0.8", "--update_readme=false", cwd=tmp_path)
@@ -35,6 +37,8 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     plain_name = next(name for name in names if name.startswith("unet") and " (" in name)
     plain_psnr = rows[plain_name]["psnr_mask"]["mean"]
     assert rows[plain_name.split(" (")[0] + " x8 self-ensemble"]["psnr_mask"]["mean"] != plain_psnr
+    assert results["precision"] == "bfloat16"
+    assert rows[plain_name.split(" (")[0] + " in float32"]["psnr_mask"]["mean"] == pytest.approx(plain_psnr, abs=0.05)
     adapted_rows = [row for name, row in rows.items() if "adaptation" in name]
     adapted_rows += [row for name, row in results["ood"]["test_split:coarse"].items() if "adaptation" in name]
     assert len(adapted_rows) == 4 and all(row["adaptation"]["steps"] == 3 for row in adapted_rows)

@@ -139,6 +139,41 @@ def test_the_self_ensemble_turns_every_orientation_back():
     assert not np.allclose(denoise_slices(model, mirrored, 0.05), plain[:, ::-1], atol=1e-4)
 
 
+def test_bfloat16_moves_the_output_only_slightly():
+    """The convolutions run in bfloat16 (the output changes, so it ran) and the rest in float32: the change is
+    far below any noise level worth removing."""
+    import torch
+
+    import models
+    from common import denoise_slices
+    torch.manual_seed(0)
+    model = models.build_model("dncnn", {"depth": 3, "width": 8, "noise_map": True}).eval()
+    slices = np.random.default_rng(0).random((3, 20, 17), dtype=np.float32)
+    plain = denoise_slices(model, slices, 0.05)
+    rounded = denoise_slices(model, slices, 0.05, bfloat16=True)
+    assert rounded.dtype == np.float32 and rounded.shape == slices.shape
+    assert not np.array_equal(rounded, plain)
+    assert np.sqrt(np.mean((rounded - plain) ** 2)) < 2e-3
+
+
+@pytest.mark.parametrize("precision, expected", [("float32", False), ("bfloat16", True)])
+def test_an_explicit_precision_is_obeyed(precision, expected):
+    import torch
+
+    from common import use_bfloat16
+    assert use_bfloat16(precision, torch.device("cpu")) is expected
+
+
+def test_auto_precision_takes_bfloat16_only_where_the_cpu_computes_it():
+    import torch
+
+    from common import native_bfloat16, use_bfloat16
+    cpu = torch.device("cpu")
+    assert use_bfloat16("auto", cpu) == native_bfloat16(cpu)
+    with pytest.raises(InputError, match="precision='half'"):
+        use_bfloat16("half", cpu)
+
+
 @pytest.mark.parametrize("metadata, accepted", [
     ({"all_orientations": True, "training_settings": {}}, True),
     ({"all_orientations": False, "training_settings": {"augment": True, "patch_size": 128}}, False),

@@ -69,3 +69,18 @@ def test_model_from_checkpoint_raises_on_weights_of_another_network():
 def test_model_from_checkpoint_rejects_what_it_cannot_rebuild(checkpoint, message):
     with pytest.raises(ValueError, match=message):
         models.model_from_checkpoint(checkpoint)
+
+
+def test_the_scripts_default_networks_are_shipped_and_load():
+    """A renamed or missing checkpoint would break make demo and the README's commands on a fresh clone."""
+    import os
+
+    import benchmark_denoisers
+    import benchmark_inference
+    import use_trained_autoencoder
+    from common import load_checkpoint
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = {use_trained_autoencoder.model_path, benchmark_inference.model_path, *benchmark_denoisers.model_paths}
+    for path in paths:
+        model, metadata = load_checkpoint(os.path.join(root, path))
+        assert metadata["n_parameters"] == sum(p.numel() for p in model.parameters())

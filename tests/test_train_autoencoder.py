@@ -94,6 +94,7 @@ def test_bad_command_line_is_a_one_line_error(tmp_path, tiny_dataset, override, 
     ("--noise_sigma_range=0.02,0.1 --fresh_noise=false", "needs fresh_noise"),
     ("--synthetic_fraction=1.5", "synthetic_fraction=1.5"),
     ("--synthetic_fraction=0.5 --training_target=recorrupted", "needs training_target=clean"),
+    ("--precision=half", "precision='half'"),
 ])
 def test_bad_settings_are_caught_before_training(tmp_path, tiny_dataset, override, fragment):
     result = train(tmp_path, tiny_dataset, *override.split(), check=False)
@@ -133,3 +134,13 @@ def test_synthetic_fraction_trains_and_is_recorded(tmp_path, tiny_dataset):
           "--patch_size=16", "--augment", "--synthetic_fraction=0.5", "--noise_sigma_range=0.02,0.1")
     checkpoint = next((tmp_path / "models").glob("*[0-9]images.pt"))
     assert torch.load(checkpoint, weights_only=True)["metadata"]["training_settings"]["synthetic_fraction"] == 0.5
+
+
+def test_bfloat16_training_learns_and_is_recorded(tmp_path, tiny_dataset):
+    train(tmp_path, tiny_dataset, f"--n_epochs={N_EPOCHS}", "--arch=dncnn", '--arch_args={"depth": 3, "width": 8}',
+          "--precision=bfloat16")
+    checkpoint = torch.load(next((tmp_path / "models").glob("*[0-9]images.pt")), weights_only=True)
+    assert checkpoint["metadata"]["training_settings"]["precision"] == "bfloat16"
+    assert all(value.dtype == torch.float32 for value in checkpoint["state_dict"].values())  # the weights stay float32
+    val_mse = checkpoint["metadata"]["history"]["val_mse"]
+    assert val_mse[-1] < val_mse[0]

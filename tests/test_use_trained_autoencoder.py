@@ -53,6 +53,27 @@ def test_evaluation_writes_metrics_and_figures(trained, tmp_path):
                                                               f"denoising_5x3_{model.stem}_test.png"]
 
 
+def test_evaluation_in_float32_and_bfloat16_agree(trained, tmp_path):
+    model, dataset = trained
+    psnr = {}
+    for precision in ("float32", "bfloat16"):
+        result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
+                            f"--examples_dir={tmp_path / precision}", f"--precision={precision}")
+        assert f"runs in {precision}" in result.stdout
+        metrics = json.loads((tmp_path / precision / f"metrics_{model.stem}.json").read_text())
+        assert metrics["precision"] == precision
+        psnr[precision] = metrics["denoised"]["psnr_mask"]["mean"]
+    assert psnr["bfloat16"] == pytest.approx(psnr["float32"], abs=0.05)
+
+
+def test_an_unknown_precision_is_one_clear_error(trained, tmp_path):
+    model, dataset = trained
+    result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
+                        f"--examples_dir={tmp_path}", "--precision=half", check=False)
+    assert_one_line_error(result, "precision='half'")
+    assert not list(tmp_path.iterdir())
+
+
 # --- denoising a NIfTI ---------------------------------------------------------------------------
 
 def header_fields(image):
