@@ -116,7 +116,8 @@ def native_bfloat16(device):
     import torch
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: may go in another torch
+    return bool(torch.backends.mkldnn.is_available() and is_supported is not None and is_supported())
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
