@@ -146,8 +146,8 @@ def all_methods(sigma, width, strength, networks, bfloat16):
         if path in adapt_model_paths:
             methods[short + " + adaptation"] = network_method(model, metadata, bfloat16, adapt=True)
         if path in adapt_model_paths and path in true_sigma_model_paths:
-            methods[short + " + adaptation given the true sigma"] = network_method(model, metadata, bfloat16, True,
-                                                                                   sigma)
+            methods[short + " + adaptation given the true sigma"] = network_method(
+                model, metadata, bfloat16, adapt=True, given_sigma=sigma)
     return methods
 
 
@@ -419,8 +419,8 @@ def main():
     for name in tsnr_scans:
         slices, shape, head, intensity_range = real_series_slices(name)
         estimated = estimate_noise_sigma(slices)
-        methods = all_methods(estimated, tuned[main_sigma]["gaussian_width"], tuned[main_sigma]["nlm_strength"], networks,
-                              bfloat16)
+        tuned_main = tuned[main_sigma]
+        methods = all_methods(estimated, tuned_main["gaussian_width"], tuned_main["nlm_strength"], networks, bfloat16)
         medians = {method_name: median_tsnr(method(slices), shape, head, intensity_range)
                    for method_name, method in methods.items()}
         tsnr_rows[name] = {"median_tsnr": medians, "shape": list(shape), "estimated_sigma": estimated}

@@ -26,6 +26,8 @@ from common import (InputError, add_noise, apply_overrides, bm3d_slices, check_f
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = "trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt"
+precision = "auto"                # passed to the tool: "auto" (bfloat16 on a CPU that computes it natively),
+                                  # "float32" or "bfloat16"
 shape = [64, 64, 30, 300]         # X, Y, Z, T of the synthetic series
 voxel_size_mm = 3.5
 repetition_time_s = 2.0
@@ -106,6 +108,12 @@ def run_measured(command, folder):
     return measured["seconds"], measured["peak_rss_bytes"], process.stdout
 
 
+def tool_precision(stdout):
+    """What use_trained_autoencoder.py said it ran the network in: "bfloat16" or "float32"."""
+    said = [line for line in stdout.splitlines() if " runs in " in line]
+    return said[0].split(" runs in ")[1].split()[0] if said else "unknown"
+
+
 def measure_adaptation(folder):
     """Wall time of use_trained_autoencoder.py --adapt_steps on a noisy adapt_shape phantom, and in-head PSNR
     of its output and of the output without adaptation, against the noise-free phantom."""
@@ -119,7 +127,8 @@ def measure_adaptation(folder):
     for steps in (0, adapt_steps):
         output_path = os.path.join(folder, f"volume_adapted_{steps}.nii.gz")
         command = [sys.executable, os.path.join(SCRIPTS, "use_trained_autoencoder.py"), f"--model={model_path}",
-                   f"--input={input_path}", f"--output={output_path}", f"--adapt_steps={steps}", "--overwrite"]
+                   f"--input={input_path}", f"--output={output_path}", f"--adapt_steps={steps}", "--overwrite",
+                   f"--precision={precision}"]
         elapsed, _, stdout = run_measured(command, folder)
         denoised = np.moveaxis(np.asarray(nib.load(output_path).dataobj, dtype=np.float32), 2, 0)
         psnr[steps] = mean_psnr_in_mask(np.moveaxis(normalise(clean, low, high, clip=False), 2, 0),
@@ -143,7 +152,7 @@ def markdown_table(results):
     psnr = results["psnr_mask_db"]
     return "\n".join([
         f"Denoising a {'x'.join(map(str, shape))} float32 NIfTI ({results['n_slices']:,} slices) with "
-        f"{os.path.basename(model_path)}; {results['machine']}",
+        f"{os.path.basename(model_path)} (convolutions in {results['precision']}); {results['machine']}",
         "",
         "| | measured | target |",
         "|---|---|---|",
@@ -193,7 +202,7 @@ def main():
         del series
 
         command = [sys.executable, os.path.join(SCRIPTS, "use_trained_autoencoder.py"), f"--model={model_path}",
-                   f"--input={input_path}", f"--output={output_path}", "--overwrite"]
+                   f"--input={input_path}", f"--output={output_path}", "--overwrite", f"--precision={precision}"]
         print("running " + " ".join(command), flush=True)
         seconds, peak_rss, stdout = run_measured(command, folder)
         denoised_middle = np.asarray(nib.load(output_path).dataobj[:, :, z, :], dtype=np.float32)
@@ -212,7 +221,7 @@ def main():
     masks = clean_slices > 0.1
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     results = {
-        "command": " ".join(command), "n_slices": n_slices,
+        "command": " ".join(command), "n_slices": n_slices, "precision": tool_precision(stdout),
         "machine": f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, load average {load_before:.1f} before "
                    f"and {os.getloadavg()[0]:.1f} after",
         "network": {"seconds": seconds, "slices_per_second": n_slices / seconds,

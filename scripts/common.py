@@ -112,20 +112,23 @@ def pick_device():
 
 def native_bfloat16(device):
     """Whether this device computes bfloat16 convolutions natively (a CPU with AVX512-BF16 or AMX, a recent
-    GPU); elsewhere bfloat16 is emulated and slower than float32."""
+    GPU); elsewhere bfloat16 is emulated and slower than float32. (torch.ops.mkldnn._is_mkldnn_bf16_supported
+    is no test of that: it also says yes for AVX512 CPUs that only emulate bfloat16.)"""
     import torch
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: may go in another torch
-    return bool(torch.backends.mkldnn.is_available() and is_supported is not None and is_supported())
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    # private functions of torch.cpu: if a later torch drops them, bfloat16 is simply not used
+    return bool(torch.backends.mkldnn.is_available() and any(check is not None and check() for check in checks))
 
 
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16")  # use_trained_autoencoder.py's and the benchmark's choices
 
 
 def use_bfloat16(precision, device):
-    """Whether to run a network in bfloat16 at inference: precision "bfloat16", or "auto" on a CPU that computes
-    it natively (there about twice as fast, and the output moves by about 3e-4 RMS on the [0, 1] scale)."""
+    """Whether to run a network's convolutions in bfloat16 at inference: precision "bfloat16", or "auto" on a CPU
+    that computes it natively (there about twice as fast; the output moves by about 3e-4 RMS on the [0, 1]
+    scale)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
     return precision == "bfloat16" or (precision == "auto" and device.type == "cpu" and native_bfloat16(device))
@@ -409,8 +412,8 @@ def denoise_slices(model, noisy_slices, noise_sigma, batch_size=16, device=None,
     of the network's outputs for the 8 flips and 90-degree rotations of each slice, each turned back
     (geometric self-ensemble, Timofte et al. 2016, "Seven ways to improve example-based single image super
     resolution"): for a network trained on all 8 orientations (check_self_ensemble), its errors in each
-    partly average out. 8x the time. bfloat16: the convolutions in bfloat16 (use_bfloat16), the input, the
-    subtraction of the predicted noise and the output in float32."""
+    partly average out. 8x the time. bfloat16: the convolutions in bfloat16 (use_bfloat16); the input and, in
+    the residual networks, the subtraction of the predicted noise stay float32."""
     import torch
     if self_ensemble:
         total = np.zeros(np.shape(noisy_slices), dtype=np.float32)

@@ -86,7 +86,7 @@ def check_settings(world_size):
     if learning_rate <= 0:
         problems.append(f"learning_rate={learning_rate}; expected above 0")
     if precision not in ("float32", "bfloat16"):
-        problems.append(f"precision={precision!r}; expected 'float32' or 'bfloat16'")
+        problems.append(f"precision={precision!r}; expected one of float32, bfloat16")
     if lr_schedule not in ("constant", "cosine"):
         problems.append(f"lr_schedule={lr_schedule!r}; expected 'constant' or 'cosine'")
     if noise_sigma_range and (len(noise_sigma_range) != 2 or not 0 <= noise_sigma_range[0] <= noise_sigma_range[1]):

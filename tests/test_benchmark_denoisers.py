@@ -38,7 +38,8 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     plain_psnr = rows[plain_name]["psnr_mask"]["mean"]
     assert rows[plain_name.split(" (")[0] + " x8 self-ensemble"]["psnr_mask"]["mean"] != plain_psnr
     assert results["precision"] == "bfloat16"
-    assert rows[plain_name.split(" (")[0] + " in float32"]["psnr_mask"]["mean"] == pytest.approx(plain_psnr, abs=0.05)
+    float32_psnr = rows[plain_name.split(" (")[0] + " in float32"]["psnr_mask"]["mean"]
+    assert float32_psnr == pytest.approx(plain_psnr, abs=0.05) and float32_psnr != plain_psnr
     adapted_rows = [row for name, row in rows.items() if "adaptation" in name]
     adapted_rows += [row for name, row in results["ood"]["test_split:coarse"].items() if "adaptation" in name]
     assert len(adapted_rows) == 4 and all(row["adaptation"]["steps"] == 3 for row in adapted_rows)

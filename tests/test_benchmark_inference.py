@@ -15,9 +15,10 @@ def test_a_tiny_inference_benchmark_measures_time_memory_and_adaptation(tmp_path
     results_path = tmp_path / "inference.json"
     result = run_script("benchmark_inference", f"--model={model}", "--shape=24,20,3,4", "--adapt_shape=24,24,3",
                         "--adapt_steps=2", "--n_bm3d_slices=2", f"--results_path={results_path}",
-                        "--update_readme=false", cwd=tmp_path)
+                        "--update_readme=false", "--precision=float32", cwd=tmp_path)
     results = json.loads(results_path.read_text())
     assert results["n_slices"] == 12
+    assert results["precision"] == "float32" and "(convolutions in float32)" in result.stdout  # passed to the tool
     assert results["network"]["seconds"] > 0 and results["memory"]["peak_rss_mb"] > 50
     assert results["psnr_mask_db"]["bm3d"] > results["psnr_mask_db"]["noisy"]
     adaptation = results["adaptation"]

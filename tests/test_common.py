@@ -153,7 +153,7 @@ def test_bfloat16_moves_the_output_only_slightly():
     rounded = denoise_slices(model, slices, 0.05, bfloat16=True)
     assert rounded.dtype == np.float32 and rounded.shape == slices.shape
     assert not np.array_equal(rounded, plain)
-    assert np.sqrt(np.mean((rounded - plain) ** 2)) < 2e-3
+    assert np.sqrt(np.mean((rounded - plain) ** 2)) < 4e-4  # rounding the output itself to bfloat16 gives ~8e-4
 
 
 @pytest.mark.parametrize("precision, expected", [("float32", False), ("bfloat16", True)])
@@ -164,14 +164,22 @@ def test_an_explicit_precision_is_obeyed(precision, expected):
     assert use_bfloat16(precision, torch.device("cpu")) is expected
 
 
-def test_auto_precision_takes_bfloat16_only_where_the_cpu_computes_it():
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_takes_bfloat16_only_where_the_cpu_computes_it(monkeypatch, native):
     import torch
 
-    from common import native_bfloat16, use_bfloat16
-    cpu = torch.device("cpu")
-    assert use_bfloat16("auto", cpu) == native_bfloat16(cpu)
+    import common
+    monkeypatch.setattr(common, "native_bfloat16", lambda device: native)
+    assert common.use_bfloat16("auto", torch.device("cpu")) is native
+    assert common.use_bfloat16("float32", torch.device("cpu")) is False
+
+
+def test_an_unknown_precision_is_refused():
+    import torch
+
+    from common import use_bfloat16
     with pytest.raises(InputError, match="precision='half'"):
-        use_bfloat16("half", cpu)
+        use_bfloat16("half", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("metadata, accepted", [

@@ -137,10 +137,15 @@ def test_synthetic_fraction_trains_and_is_recorded(tmp_path, tiny_dataset):
 
 
 def test_bfloat16_training_learns_and_is_recorded(tmp_path, tiny_dataset):
-    train(tmp_path, tiny_dataset, f"--n_epochs={N_EPOCHS}", "--arch=dncnn", '--arch_args={"depth": 3, "width": 8}',
-          "--precision=bfloat16")
-    checkpoint = torch.load(next((tmp_path / "models").glob("*[0-9]images.pt")), weights_only=True)
-    assert checkpoint["metadata"]["training_settings"]["precision"] == "bfloat16"
-    assert all(value.dtype == torch.float32 for value in checkpoint["state_dict"].values())  # the weights stay float32
-    val_mse = checkpoint["metadata"]["history"]["val_mse"]
-    assert val_mse[-1] < val_mse[0]
+    histories = {}
+    for precision in ("bfloat16", "float32"):
+        train(tmp_path / precision, tiny_dataset, f"--n_epochs={N_EPOCHS}", "--arch=dncnn",
+              '--arch_args={"depth": 3, "width": 8}', f"--precision={precision}")
+        checkpoint = torch.load(next((tmp_path / precision / "models").glob("*[0-9]images.pt")), weights_only=True)
+        assert checkpoint["metadata"]["training_settings"]["precision"] == precision
+        assert all(value.dtype == torch.float32 for value in checkpoint["state_dict"].values())  # weights stay float32
+        histories[precision] = checkpoint["metadata"]["history"]
+    assert histories["bfloat16"]["val_mse"][-1] < histories["bfloat16"]["val_mse"][0]
+    # the same seed, data and steps: only the precision of the forward pass differs
+    assert histories["bfloat16"]["train_mse"][0] != histories["float32"]["train_mse"][0]
+    assert histories["bfloat16"]["train_mse"][0] == pytest.approx(histories["float32"]["train_mse"][0], rel=0.05)
