@@ -54,7 +54,8 @@ synthetic_fraction = 0.0       # share of training images replaced by a fresh de
 loss_weighting = "none"        # "none": plain MSE; "inverse_variance": each image's MSE divided by its noise
                                # sigma^2, so low noise levels count as much in the loss as they do in PSNR
 precision = "float32"          # "bfloat16": the forward pass in bfloat16 (weights, gradients and loss stay float32):
-                               # 2.4x faster steps on a CPU with native bfloat16 (AVX512-BF16, AMX), slower elsewhere
+                               # faster on a CPU with native bfloat16 (AVX512-BF16, AMX; DnCNN steps 2.4x in an
+                               # ad hoc timing), slower elsewhere
 val_every = 1                  # epochs between validation passes
 checkpoint_every = 10          # epochs between resumable checkpoints (and always on Ctrl-C)
 resume = ""                    # a .resume.pt file to continue from
