@@ -17,9 +17,9 @@ from skimage.restoration import denoise_nl_means
 
 from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_overrides, bm3d_slices,
                     check_file_exists, check_self_ensemble, denoise_adapted, denoise_slices, denormalise,
-                    estimate_noise_sigma, foreground_mask, image_metrics, load_checkpoint, mean_psnr_in_mask,
-                    normalise, percentile_range, run_main, save_figure, save_json, summarise_metrics, tsnr_map,
-                    use_bfloat16, write_into_readme)
+                    estimate_noise_sigma, foreground_mask, image_metrics, keep_freed_memory, load_checkpoint,
+                    mean_psnr_in_mask, normalise, percentile_range, run_main, save_figure, save_json,
+                    summarise_metrics, tsnr_map, use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -384,6 +384,7 @@ def load_networks():
 def main():
     apply_overrides(globals())
     torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()
     if split not in ("test", "val"):
         raise InputError(f"split={split!r}; expected 'test' or 'val'")
     test_clean, test_masks, dataset_settings = unique_clean_slices(dataset_path, split)

@@ -23,7 +23,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from common import (InputError, add_noise, apply_overrides, atomic_write, check_file_exists, denoise_slices,
-                    load_npz, native_bfloat16, neighbor2neighbor_loss, package_versions, pick_device,
+                    keep_freed_memory, load_npz, native_bfloat16, neighbor2neighbor_loss, package_versions, pick_device,
                     plot_denoising_grid, recorrupt, run_main, save_figure)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
 
@@ -422,6 +422,7 @@ def main():
     settings = apply_overrides(globals())
     check_settings(int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device = setup_distributed()
+    keep_freed_memory()
     arrays, dataset_settings = load_dataset(dataset_path)
     train = {"rows": training_rows(arrays), "clean": arrays["clean"], "noisy": arrays["noisy"],
              "partner_index": arrays["partner_index"]}

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists,
                     check_self_ensemble, denoise_adapted, denoise_slices, estimate_noise_sigma, foreground_mask,
-                    image_metrics, load_checkpoint, load_nifti, normalise, percentile_range, plot_denoising_grid,
-                    run_main, save_figure, save_json, summarise_metrics, tsnr_map, use_bfloat16)
+                    image_metrics, keep_freed_memory, load_checkpoint, load_nifti, normalise, percentile_range,
+                    plot_denoising_grid, run_main, save_figure, save_json, summarise_metrics, tsnr_map, use_bfloat16)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = "trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt"
@@ -262,6 +262,7 @@ def main():
     apply_overrides(globals(), aliases={"model": "model_path", "input": "input_path", "output": "output_path"})
     if "OMP_NUM_THREADS" not in os.environ:  # a limit the user set wins
         torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_memory()
     model, metadata = load_checkpoint(model_path)
     if self_ensemble:
         check_self_ensemble(metadata, model_path)

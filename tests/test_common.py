@@ -1,4 +1,9 @@
 """common.py: --name=value arguments become settings of the right type; NIfTIs are read in chunks."""
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -196,3 +201,30 @@ def test_the_self_ensemble_takes_only_networks_trained_on_every_orientation(meta
     else:
         with pytest.raises(InputError, match="model.pt was not trained on flipped and rotated"):
             check_self_ensemble(metadata, "model.pt")
+
+
+FREE_A_BLOCK = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import common
+if sys.argv[2] == "keep":
+    assert common.keep_freed_memory()
+def resident_mb():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+block = np.ones(16 * 2**20 // 8)
+before = resident_mb()
+del block
+print(before - resident_mb())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
+@pytest.mark.parametrize("keep", [True, False])
+def test_freed_blocks_stay_with_the_process_only_after_keep_freed_memory(keep):
+    scripts = str(Path(__file__).resolve().parent.parent / "scripts")
+    result = subprocess.run([sys.executable, "-c", FREE_A_BLOCK, scripts, "keep" if keep else "default"],
+                            capture_output=True, text=True, check=True)
+    returned_mb = float(result.stdout)
+    assert returned_mb < 1 if keep else returned_mb > 15
