@@ -126,7 +126,7 @@ def keep_freed_memory(mmap_threshold=32 * 2**20, trim_threshold=2**30):
     """Ask glibc's malloc to keep the memory of freed tensors for the next batch instead of handing it back
     to the OS. By default it unmaps or trims freed blocks of a few MB, and every batch page-faults its
     activations back in: in an ad hoc timing the bfloat16 DnCNN took 4.0 to 8.5 ms a slice depending on how a
-    process's heap happened to fall, and a steady 4.0-4.3 ms with these two settings. Returns whether they
+    process's heap happened to fall, and a steady 3.8-4.6 ms with these two settings. Returns whether they
     took; a no-op on a C library without mallopt (macOS, Windows)."""
     import ctypes
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
