@@ -127,9 +127,11 @@ def keep_freed_memory(mmap_threshold=32 * 2**20, trim_threshold=2**30):
     to the OS. By default it unmaps or trims freed blocks of a few MB, and every batch page-faults its
     activations back in: in an ad hoc timing the bfloat16 DnCNN took 4.0 to 8.5 ms a slice depending on how a
     process's heap happened to fall, and a steady 3.8-4.6 ms with these two settings. Returns whether they
-    took; a no-op on a C library without mallopt (macOS, Windows)."""
+    took; a no-op outside Linux with glibc."""
     import ctypes
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

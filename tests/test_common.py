@@ -228,3 +228,9 @@ def test_freed_blocks_stay_with_the_process_only_after_keep_freed_memory(keep):
                             capture_output=True, text=True, check=True)
     returned_mb = float(result.stdout)
     assert returned_mb < 1 if keep else returned_mb > 15
+
+
+def test_keep_freed_memory_does_nothing_outside_linux(monkeypatch):
+    import common
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert common.keep_freed_memory() is False
