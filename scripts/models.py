@@ -54,14 +54,21 @@ class DnCNN(nn.Module):
     the noise, which is subtracted from the input (residual learning)."""
     stride = 1
 
-    def __init__(self, depth=8, width=32, noise_map=False):
+    def __init__(self, depth=8, width=32, noise_map=False, dilations=None):
+        """dilations: one per layer, e.g. [1, 2, 3, 4, 4, 3, 2, 1]: spaced-out 3x3 kernels see a wider
+        neighbourhood at the same cost (IRCNN, Zhang et al. 2017, "Learning deep CNN denoiser prior for image
+        restoration"); None = all 1, plain DnCNN."""
         super().__init__()
         self.noise_map = noise_map
-        layers = [nn.Conv2d(1 + noise_map, width, 3, padding=1), nn.ReLU()]
-        for _ in range(depth - 2):
-            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
-        layers.append(nn.Conv2d(width, 1, 3, padding=1))
-        self.body = nn.Sequential(*layers)
+        dilations = list(dilations or [1] * depth)
+        if len(dilations) != depth or min(dilations) < 1:
+            raise ValueError(f"dilations={dilations}: expected {depth} numbers of 1 or more, one per layer")
+        in_channels = [1 + noise_map] + [width] * (depth - 1)
+        out_channels = [width] * (depth - 1) + [1]
+        layers = []
+        for n_in, n_out, dilation in zip(in_channels, out_channels, dilations):
+            layers += [nn.Conv2d(n_in, n_out, 3, padding=dilation, dilation=dilation), nn.ReLU()]
+        self.body = nn.Sequential(*layers[:-1])  # no ReLU after the last layer: the noise is signed
 
     def forward(self, x, noise_sigma=None):
         inputs = torch.cat([x, noise_map_channel(x, noise_sigma)], 1) if self.noise_map else x

@@ -17,6 +17,24 @@ def test_every_network_keeps_odd_sizes(arch, height, width):
     assert torch.isfinite(denoised).all()
 
 
+@pytest.mark.parametrize("height, width", [(61, 73), (5, 7)])
+def test_a_dilated_dncnn_keeps_odd_sizes_and_differs_from_the_plain_one(height, width):
+    torch.manual_seed(0)
+    plain = models.build_model("dncnn", {"depth": 4, "width": 8}).eval()
+    dilated = models.build_model("dncnn", {"depth": 4, "width": 8, "dilations": [1, 3, 3, 1]}).eval()
+    dilated.load_state_dict(plain.state_dict())  # the same weights, spaced out
+    noisy = torch.rand(1, 1, height, width)
+    with torch.inference_mode():
+        assert dilated(noisy).shape == (1, 1, height, width)
+        assert not torch.allclose(dilated(noisy), plain(noisy))
+
+
+@pytest.mark.parametrize("dilations", [[1, 2], [1, 0, 1, 1]])
+def test_dilations_that_do_not_fit_the_depth_are_refused(dilations):
+    with pytest.raises(ValueError, match="dilations"):
+        models.build_model("dncnn", {"depth": 4, "dilations": dilations})
+
+
 def test_seed_network_has_the_original_parameter_count():
     assert models.count_parameters(models.build_model("seed")) == 9_569
 
