@@ -397,6 +397,8 @@ def main():
         raise InputError(f"main_sigma={main_sigma} is not one of sigmas={sigmas}")
     networks = load_networks()
     bfloat16 = use_bfloat16(precision, torch.device("cpu"))
+    if float32_model_paths and not bfloat16:
+        print("every network runs in float32 here, so there are no separate 'in float32' rows")
     rng = np.random.default_rng(seed)
     sweep, main_outputs, ood_rows, tuned, estimated_sigmas = {}, None, {}, {}, {}
     reference_sigmas = {split: estimate_noise_sigma(test["clean"])}
