@@ -126,8 +126,9 @@ def keep_freed_memory(mmap_threshold=32 * 2**20, trim_threshold=2**30):
     """Ask glibc's malloc to keep the memory of freed tensors for the next batch instead of handing it back
     to the OS. By default it unmaps or trims freed blocks of a few MB, and every batch page-faults its
     activations back in: in an ad hoc timing the bfloat16 DnCNN took 4.0 to 8.5 ms a slice depending on how a
-    process's heap happened to fall, and a steady 3.8-4.6 ms with these two settings. Returns whether they
-    took; a no-op outside Linux with glibc."""
+    process's heap happened to fall, and a steady 3.8-4.6 ms with these two settings. Blocks above the mmap
+    threshold (32 MB, glibc's most), such as the activations of 16 slices of 256x256, are still mapped and
+    unmapped each batch. Returns whether they took; a no-op outside Linux with glibc."""
     import ctypes
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
     if not sys.platform.startswith("linux"):
@@ -136,7 +137,7 @@ def keep_freed_memory(mmap_threshold=32 * 2**20, trim_threshold=2**30):
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    # the mmap threshold first: setting either one turns off glibc's dynamic adjustment of both
+    # setting either one also turns off glibc's own adjustment of both thresholds
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
@@ -176,6 +177,10 @@ def load_nifti(path):
         raise InputError(f"{path} has {len(image.shape)} dimensions {tuple(image.shape)}; expected a 3D or 4D NIfTI")
     if min(shape) == 0:
         raise InputError(f"{path} is empty: shape {tuple(image.shape)}")
+    stored = image.get_data_dtype()
+    if stored.kind == "c" or stored.names:  # a cast to float32 would drop the imaginary part, or fail
+        raise InputError(f"{path} holds {'complex' if stored.kind == 'c' else 'RGB'} voxels ({stored}); expected "
+                         "one real value per voxel (for complex MRI data, save its magnitude image)")
     try:
         data, n_not_finite = read_float32(image)
     except (EOFError, OSError, zlib.error, ValueError) as error:

@@ -29,7 +29,7 @@ def test_a_dilated_dncnn_keeps_odd_sizes_and_differs_from_the_plain_one(height, 
         assert not torch.allclose(dilated(noisy), plain(noisy))
 
 
-@pytest.mark.parametrize("dilations", [[1, 2], [1, 0, 1, 1]])
+@pytest.mark.parametrize("dilations", [[1, 2], [1, 0, 1, 1], [1, 1.5, 2, 1]])
 def test_dilations_that_do_not_fit_the_depth_are_refused(dilations):
     with pytest.raises(ValueError, match="dilations"):
         models.build_model("dncnn", {"depth": 4, "dilations": dilations})

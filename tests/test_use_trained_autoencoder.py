@@ -258,6 +258,12 @@ def write_bad_input(kind, folder):
         write_nifti(path, volume)
     elif kind == "zeros":
         write_nifti(path, np.zeros_like(volume))
+    elif kind == "complex":
+        write_nifti(path, volume * np.exp(0.5j), dtype=np.complex64)
+    elif kind == "rgb":
+        rgb = np.zeros(volume.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        rgb["G"] = 255 * volume / volume.max()
+        nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(path))
     elif kind == "truncated":
         write_nifti(path, noisy_phantom((40, 36, 12, 3))[1])
         whole = path.read_bytes()
@@ -273,6 +279,8 @@ def write_bad_input(kind, folder):
     ("nan", "NaN or Inf"),
     ("inf", "NaN or Inf"),
     ("zeros", "every voxel is zero"),
+    ("complex", "holds complex voxels"),
+    ("rgb", "holds RGB voxels"),
     ("truncated", "truncated"),
 ])
 def test_bad_input_is_one_clear_error(trained, tmp_path, kind, fragment):
