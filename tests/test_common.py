@@ -144,6 +144,32 @@ def test_the_self_ensemble_turns_every_orientation_back():
     assert not np.allclose(denoise_slices(model, mirrored, 0.05), plain[:, ::-1], atol=1e-4)
 
 
+@pytest.mark.parametrize("shape, batches", [((5, 300, 200), [3, 2]), ((20, 20, 17), [16, 4]), ((2, 700, 600), [1, 1])])
+def test_big_slices_go_through_in_smaller_batches_with_the_same_result(shape, batches):
+    """A batch holds at most MAX_BATCH_PIXELS pixels (but at least one slice), and each slice's sigma goes with it."""
+    import torch
+
+    import models
+    from common import denoise_slices
+    torch.manual_seed(0)
+    network = models.build_model("dncnn", {"depth": 2, "width": 4, "noise_map": True}).eval()
+    seen = []
+
+    def model(batch, sigma):
+        seen.append(len(batch))
+        return network(batch, sigma)
+
+    model.parameters = network.parameters
+    slices = np.random.default_rng(0).random(shape, dtype=np.float32)
+    sigmas = np.linspace(0.01, 0.1, shape[0])
+    denoised = denoise_slices(model, slices, sigmas)
+    assert seen == batches
+    with torch.inference_mode():
+        one_by_one = [network(torch.from_numpy(s[None, None]), torch.tensor([sigma]))[0, 0].numpy()
+                      for s, sigma in zip(slices, sigmas.astype(np.float32))]
+    np.testing.assert_allclose(denoised, np.stack(one_by_one), atol=1e-5)
+
+
 def test_bfloat16_moves_the_output_only_slightly():
     """The convolutions run in bfloat16 (the output changes, so it ran) and the rest in float32: the change is
     far below any noise level worth removing."""
