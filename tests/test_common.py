@@ -230,6 +230,7 @@ def test_the_self_ensemble_takes_only_networks_trained_on_every_orientation(meta
 
 
 FREE_A_BLOCK = """
+import os
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
@@ -238,7 +239,7 @@ if sys.argv[2] == "keep":
     assert common.keep_freed_memory()
 def resident_mb():
     with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096 / 2**20
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 block = np.ones(16 * 2**20 // 8)
 before = resident_mb()
 del block
