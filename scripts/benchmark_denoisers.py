@@ -33,7 +33,7 @@ n_tuning_slices = 6                         # validation slices used to tune Gau
 gaussian_widths = [0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5]   # candidate sigmas of the Gaussian filter, in pixels
 nlm_strengths = [0.6, 0.8, 1.0, 1.2]        # candidate h / sigma of non-local means
 seed = 1234
-batch_size = 16                             # slices per forward pass, as use_trained_autoencoder.py runs them
+batch_size = 16                             # slices per forward pass at most, as use_trained_autoencoder.py runs them
                                             # (larger batches outgrow the CPU's caches and run slower)
 ood_scans = ["anatomical.nii", "functional.nii", "phantom_EPI_asc_CLEAR_2_1.PAR",
              "test_split:coarse", "test_split:fine", "test_split:gamma"]

@@ -36,7 +36,8 @@ adapt_loss = "recorrupted"  # its self-supervised loss: "recorrupted" (assumes G
                             # sigma, full resolution) or "neighbor2neighbor" (half-resolution sub-images)
 self_ensemble = False    # average the network's outputs over the 8 flips and 90-degree rotations of each slice
                          # (for networks trained on them): 0.04-0.12 dB better in the benchmark, 8x the time
-batch_size = 16          # slices per forward pass; larger batches are no faster on a CPU and cost memory
+batch_size = 16          # slices per forward pass, at most (fewer for slices bigger than 128x96: common.MAX_BATCH_PIXELS);
+                         # larger batches are no faster on a CPU and cost memory
 precision = "auto"       # "auto": the convolutions in bfloat16 on a CPU that computes it natively (about twice as
                          # fast, the output within about 3e-4 RMS of float32), else float32; or "float32", "bfloat16"
 # ---
