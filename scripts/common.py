@@ -434,6 +434,11 @@ def load_checkpoint(path):
 MAX_BATCH_PIXELS = 16 * 128 * 96
 
 
+def slices_per_batch(batch_size, slice_shape):
+    """At most batch_size slices of this shape and at most MAX_BATCH_PIXELS pixels, but at least one slice."""
+    return max(1, min(batch_size, MAX_BATCH_PIXELS // max(1, int(np.prod(slice_shape)))))
+
+
 def denoise_slices(model, noisy_slices, noise_sigma, batch_size=16, device=None, self_ensemble=False, bfloat16=False):
     """Run the network over (n, H, W) slices in batches of at most batch_size slices and MAX_BATCH_PIXELS pixels
     (but at least one slice); returns (n, H, W) float32 on the [0, 1] scale.
@@ -457,7 +462,7 @@ def denoise_slices(model, noisy_slices, noise_sigma, batch_size=16, device=None,
     noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
     sigmas = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float32), (len(noisy_slices),))
     denoised = np.empty_like(noisy_slices)
-    n_per_batch = max(1, min(batch_size, MAX_BATCH_PIXELS // max(1, noisy_slices[0:1].size)))
+    n_per_batch = slices_per_batch(batch_size, noisy_slices.shape[1:])
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
         for start in range(0, len(noisy_slices), n_per_batch):
             batch = torch.from_numpy(noisy_slices[start:start + n_per_batch, None]).to(device)
@@ -592,11 +597,13 @@ def neighbor2neighbor_loss(model, noisy, noise_sigma, generator, gamma=1.0, cell
 
 
 def model_in_batches(model, images, noise_sigma, batch_size=16):
-    """The network's output for (n, 1, H, W) images, batch_size at a time to bound memory."""
+    """The network's output for (n, 1, H, W) images, at most batch_size at a time (slices_per_batch) to bound
+    memory."""
     import torch
+    n_per_batch = slices_per_batch(batch_size, images.shape[2:])
     with torch.inference_mode():
-        return torch.cat([model(images[start:start + batch_size], noise_sigma)
-                          for start in range(0, len(images), batch_size)])
+        return torch.cat([model(images[start:start + n_per_batch], noise_sigma)
+                          for start in range(0, len(images), n_per_batch)])
 
 
 def masked_pixel_errors(model, noisy_slices, noise_sigma, heldout):

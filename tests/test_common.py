@@ -170,6 +170,27 @@ def test_big_slices_go_through_in_smaller_batches_with_the_same_result(shape, ba
     np.testing.assert_allclose(denoised, np.stack(one_by_one), atol=1e-5)
 
 
+def test_the_adaptation_checks_run_big_slices_in_smaller_batches_with_the_same_result():
+    """model_in_batches (the adaptation guard's forward passes) keeps to the same pixel cap as denoise_slices."""
+    import torch
+
+    import models
+    from common import model_in_batches
+    torch.manual_seed(0)
+    network = models.build_model("dncnn", {"depth": 2, "width": 4, "noise_map": True}).eval()
+    seen = []
+
+    def model(batch, sigma):
+        seen.append(len(batch))
+        return network(batch, sigma)
+
+    images = torch.rand(5, 1, 300, 200)
+    batched = model_in_batches(model, images, 0.05)
+    assert seen == [3, 2]
+    with torch.inference_mode():
+        np.testing.assert_allclose(batched.numpy(), network(images, 0.05).numpy(), atol=1e-5)
+
+
 def test_bfloat16_moves_the_output_only_slightly():
     """The convolutions run in bfloat16 (the output changes, so it ran) and the rest in float32: the change is
     far below any noise level worth removing."""
