@@ -97,8 +97,9 @@ def check_settings():
         raise InputError(f"low_percentile={low_percentile}, high_percentile={high_percentile}; expected 0 <= low < high <= 100")
     if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
         raise InputError(f"val_fraction={val_fraction}, test_fraction={test_fraction}; each must be above 0 and together below 1")
-    if slice_range and len(slice_range) != 2:
-        raise InputError(f"slice_range={slice_range}; expected two numbers: first,last")
+    if slice_range and (len(slice_range) != 2 or not all(isinstance(z, int) for z in slice_range)
+                        or not 0 <= slice_range[0] < slice_range[1]):
+        raise InputError(f"slice_range={slice_range}; expected two whole numbers first,last with 0 <= first < last")
     if target_n_images < 1:
         raise InputError(f"target_n_images={target_n_images}; expected 1 or more")
     if noise_model not in ("gaussian", "rician"):
@@ -114,7 +115,7 @@ def check_split_before_loading(paths):
     if len(paths) >= 3:
         split_sizes(len(paths), "scans")
     elif slice_range:
-        split_sizes(len(paths) * (slice_range[1] - slice_range[0]), "slice positions")
+        split_sizes(slice_range[1] - slice_range[0], "slice positions")
 
 
 def pad_to_shape(slices, shape):
@@ -134,12 +135,15 @@ def describe_scan(path, scan_index):
 
 def assign_splits(scans):
     """{(scan index, slice position): 'train', 'val' or 'test'}: whole scans go to one split when there
-    are 3 or more, otherwise slice positions do, so no scan or position is in two splits."""
+    are 3 or more, otherwise slice positions do, the same for both scans of two (two runs of one subject
+    hold nearly the same image at a position), so no scan or position is in two splits."""
     rng = np.random.default_rng(seed)
     if len(scans) >= 3:
         scan_split = split_groups([s["index"] for s in scans], rng, "scans")
         return {(s["index"], z): scan_split[s["index"]] for s in scans for z in s["positions"]}
-    return split_groups([(s["index"], z) for s in scans for z in s["positions"]], rng, "slice positions")
+    positions = sorted({z for s in scans for z in s["positions"]})
+    position_split = split_groups(positions, rng, "slice positions")
+    return {(s["index"], z): position_split[z] for s in scans for z in s["positions"]}
 
 
 def time_partners(noisy, head_mask, n_time, n_realisations, start):

@@ -40,6 +40,32 @@ def test_three_scans_are_split_by_scan(three_scans):
     assert counts.tolist() == [6 * 2, 6 * 2, 5 * 3]
 
 
+def test_two_scans_are_split_by_slice_position_shared_by_both(three_scans, tmp_path):
+    """Two runs of one subject hold nearly the same image at a slice position, so a position goes to one split
+    in both: test slices of one run must not be training slices of the other."""
+    paths, _, _ = three_scans
+    dataset = tmp_path / "two.npz"
+    run_in_process(make_dataset, f"--input_paths={paths[0]},{paths[1]}", f"--output={dataset}",
+                   "--target_n_images=1", "--min_foreground_fraction=0", "--val_fraction=0.2", "--test_fraction=0.2")
+    with np.load(dataset) as archive:
+        splits_of_position = {}
+        for z, split in zip(archive["slice_index"].tolist(), archive["split"].tolist()):
+            splits_of_position.setdefault(z, set()).add(split)
+        assert set(archive["scan_index"].tolist()) == {0, 1}
+    assert all(len(splits) == 1 for splits in splits_of_position.values()), splits_of_position
+    assert set.union(*splits_of_position.values()) == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize("bad", ["10.5,14", "a,b", "14,10", "3"])
+def test_a_bad_slice_range_is_a_one_line_error(tmp_path, bad):
+    from conftest import assert_one_line_error, run_script
+    scan = write_nifti(tmp_path / "scan.nii.gz", phantom_volume((24, 20, 6, 2)))
+    result = run_script("make_dataset", f"--input_paths={scan}", f"--output={tmp_path / 'x.npz'}",
+                        f"--slice_range={bad}", check=False)
+    assert_one_line_error(result, "slice_range=", "first < last")
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_scans_of_another_size_are_padded_not_stretched(three_scans):
     _, _, arrays = three_scans
     assert arrays["clean"].shape[1:] == arrays["noisy"].shape[1:] == arrays["mask"].shape[1:] == (28, 20)
