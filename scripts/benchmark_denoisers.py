@@ -5,7 +5,6 @@ width and non-local means' strength are tuned on validation slices; BM3D is give
 networks with a noise-level input get the sigma estimated from the noisy slices, as users get it.
 Writes a JSON and a markdown table (also into README.md between the benchmark markers), a comparison
 figure in denoising_examples/ and plots/psnr_vs_sigma_*.png."""
-import json
 import os
 import time
 
@@ -19,7 +18,7 @@ from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_
                     check_file_exists, check_self_ensemble, denoise_adapted, denoise_slices, denormalise,
                     estimate_noise_sigma, foreground_mask, image_metrics, keep_freed_memory, load_checkpoint,
                     mean_psnr_in_mask, normalise, percentile_range, run_main, save_figure, save_json,
-                    summarise_metrics, tsnr_map, use_bfloat16, write_into_readme)
+                    summarise_metrics, tsnr_map, unique_clean_slices, use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -62,18 +61,6 @@ split = "test"                              # the slices scored: "test"; "val" t
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
 update_readme = True                        # write the main table into README.md between the markers
 # ---
-
-
-def unique_clean_slices(path, split):
-    """Distinct clean slices (n, H, W) and masks of one split (the .npz repeats them once per noise draw)."""
-    check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
-    with np.load(path, allow_pickle=False) as archive:
-        keys = np.stack([archive["scan_index"], archive["slice_index"], archive["time_index"]], axis=1)
-        chosen = archive["split"] == split
-        _, first = np.unique(keys[chosen], axis=0, return_index=True)
-        indices = np.flatnonzero(chosen)[np.sort(first)]
-        settings = json.loads(str(archive["settings_json"]))
-        return archive["clean"][indices], archive["mask"][indices], settings
 
 
 def noisy_versions(clean, sigma, model, rng, n_draws):

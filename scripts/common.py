@@ -390,6 +390,18 @@ def load_npz(path, mapped=()):
     return arrays
 
 
+def unique_clean_slices(path, split):
+    """Distinct clean slices (n, H, W) and masks of one split (the .npz repeats them once per noise draw)."""
+    check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
+    with np.load(path, allow_pickle=False) as archive:
+        keys = np.stack([archive["scan_index"], archive["slice_index"], archive["time_index"]], axis=1)
+        chosen = archive["split"] == split
+        _, first = np.unique(keys[chosen], axis=0, return_index=True)
+        indices = np.flatnonzero(chosen)[np.sort(first)]
+        settings = json.loads(str(archive["settings_json"]))
+        return archive["clean"][indices], archive["mask"][indices], settings
+
+
 def _map_stored_npy(path, raw, header_offset):
     """np.memmap of an uncompressed .npy member of a zip file, or None for an empty array."""
     import struct
