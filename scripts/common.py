@@ -156,6 +156,8 @@ def use_bfloat16(precision, device):
 # --- files -------------------------------------------------------------------------------------
 
 def check_file_exists(path, what="file"):
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder; expected a {what}")
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such {what}")
 
@@ -165,11 +167,15 @@ def load_nifti(path):
     path = str(path)
     check_file_exists(path)
     try:
-        image = nib.load(path, keep_file_open=True)  # one handle: the chunked read below never re-decompresses
+        image = nib.load(path)  # finds the format; reads only the header
     except Exception as error:  # nibabel raises many types for a file that is not an image
         raise InputError(f"{path} is not a NIfTI file ({type(error).__name__}: {error})".splitlines()[0]) from None
+    if isinstance(image, nib.Nifti1Pair) and not isinstance(image, nib.Nifti1Image):
+        raise InputError(f"{path} is a NIfTI .hdr/.img pair; give a single .nii or .nii.gz file "
+                         "(nibabel converts it: nib.save(nib.load('scan.hdr'), 'scan.nii.gz'))")
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InputError(f"{path} is a {type(image).__name__}, not a NIfTI file")
+        raise InputError(f"{path} is a {type(image).__name__}, not a NIfTI file (.nii or .nii.gz)")
+    image = type(image).from_filename(path, keep_file_open=True)  # one handle: the chunked read never re-decompresses
     shape = image.shape
     if len(shape) == 5 and shape[4] == 1:
         shape = shape[:4]
@@ -427,6 +433,9 @@ def load_checkpoint(path):
     from models import model_from_checkpoint
     path = str(path)
     check_file_exists(path, "checkpoint")
+    if path.endswith(".resume.pt"):
+        raise InputError(f"{path} is a state for train_autoencoder.py --resume; use the checkpoint beside it "
+                         f"({os.path.basename(path).removesuffix('.resume.pt')}.pt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -435,7 +444,9 @@ def load_checkpoint(path):
     try:
         model = model_from_checkpoint(checkpoint)
     except (ValueError, KeyError, RuntimeError, TypeError) as error:
-        raise InputError(f"{path}: {str(error).splitlines()[0]}") from None
+        # load_state_dict's first line only names the network; its second says what does not fit
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()][:2]
+        raise InputError(f"{path}: {' '.join(lines)}"[:300]) from None
     # the weights in the layout of denoise_slices' batches: 1.5-2.5x faster on a CPU than the default layout
     return model.to(memory_format=torch.channels_last).eval(), checkpoint["metadata"]
 
@@ -497,13 +508,14 @@ def check_self_ensemble(metadata, path):
 def oriented(slices, turns, flip):
     """(n, H, W) slices rotated by turns x 90 degrees in-plane, then mirrored when flip (a contiguous copy)."""
     rotated = np.rot90(slices, turns, axes=(1, 2))
-    return np.ascontiguousarray(rotated[:, :, ::-1] if flip else rotated)
+    return (rotated[:, :, ::-1] if flip else rotated).copy()  # not ascontiguousarray: it keeps a size-1 axis's
+                                                               # negative stride, which torch refuses
 
 
 def undo_orientation(slices, turns, flip):
     """The inverse of oriented(): slices oriented with (turns, flip) brought back to the original orientation."""
     unflipped = slices[:, :, ::-1] if flip else slices
-    return np.ascontiguousarray(np.rot90(unflipped, -turns, axes=(1, 2)))
+    return np.rot90(unflipped, -turns, axes=(1, 2)).copy()
 
 
 def plot_denoising_grid(noisy, denoised, clean, masks, title):
@@ -677,6 +689,7 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
         raise InputError(f"adaptation loss {loss!r}; expected one of {', '.join(ADAPTATION_LOSSES)}")
     if not 0 < heldout_fraction < 0.5:  # held-out pixels sit on one colour of a checkerboard
         raise InputError(f"held-out fraction {heldout_fraction}; expected above 0 and below 0.5")
+    called = time.perf_counter()
     noisy_slices = np.asarray(noisy_slices, dtype=np.float32)
     n_slices, height, width = noisy_slices.shape
     rng = np.random.default_rng(seed)
@@ -719,6 +732,7 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
         value.backward()
         optimiser.step()
         steps += 1
+    train_seconds = time.perf_counter() - started
     adapted.eval()
     masked_gain = errors_before - masked_pixel_errors(adapted, noisy_slices, noise_sigma, heldout)
     recorrupted_gain = r2r_before - recorrupted_pixel_errors(adapted, noisy_slices, noise_sigma, heldout,
@@ -726,7 +740,8 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     masked_z, recorrupted_z = (float(g.mean() / max(g.std() / np.sqrt(g.size), 1e-12)) if g.size else 0.0
                                for g in (masked_gain, recorrupted_gain))  # gains in standard errors
     kept = masked_z > 2 and recorrupted_z > 2
-    info = {"loss": loss, "steps": steps, "seconds": time.perf_counter() - started,
+    info = {"loss": loss, "steps": steps, "seconds": train_seconds,
+            "check_seconds": time.perf_counter() - called - train_seconds,
             "object_threshold": threshold, "object_fraction": float(region.mean()),
             "heldout_pixels": int(masked_gain.size),
             "heldout_error_before": mean_or_zero(errors_before), "heldout_gain": mean_or_zero(masked_gain),

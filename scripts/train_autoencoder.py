@@ -37,7 +37,7 @@ learning_rate = 1e-3
 lr_schedule = "constant"       # "constant" or "cosine" (decays to 0 at the last epoch)
 seed = 0
 fresh_noise = True             # draw new noise every epoch; False reuses the fixed noise in the .npz
-noise_model = ""               # "gaussian" or "rician"; "" = the dataset's
+noise_model = ""               # "gaussian" or "rician", as the dataset's noise (validation runs on it); "" = the dataset's
 noise_sigma_range = []         # train over sigmas drawn from [low, high] (a blind model); [] = the dataset's sigma
 training_target = "clean"     # "clean" (supervised); "time_partner": the same slice at a neighbouring time
                                # point with its own noise (Noise2Noise, make_dataset --pairing=time);
@@ -84,7 +84,7 @@ def check_settings(world_size):
         problems.append(f"batch_size={batch_size}; expected 1 or more")
     elif batch_size % world_size:
         problems.append(f"batch_size={batch_size} cannot be shared equally by {world_size} processes")
-    if learning_rate <= 0:
+    if not 0 < learning_rate < math.inf:
         problems.append(f"learning_rate={learning_rate}; expected above 0")
     if precision not in ("float32", "bfloat16"):
         problems.append(f"precision={precision!r}; expected one of float32, bfloat16")
@@ -433,6 +433,9 @@ def main():
     train_noise_model = noise_model or dataset_settings["noise_model"]
     if train_noise_model not in ("gaussian", "rician"):
         raise InputError(f"noise_model={train_noise_model!r}; expected 'gaussian' or 'rician'")
+    if train_noise_model != dataset_settings["noise_model"]:  # validation runs on the dataset's own noisy images
+        raise InputError(f"noise_model={noise_model} but {dataset_path} holds {dataset_settings['noise_model']} noise, "
+                         f"on which validation would run; make a dataset with make_dataset.py --noise_model={noise_model}")
     if training_target == "recorrupted" and train_noise_model != "gaussian":
         raise InputError(f"training_target=recorrupted needs Gaussian noise; {dataset_path} has {train_noise_model} noise")
     if training_target == "recorrupted" and not (train_sigma > 0 or noise_sigma_range):

@@ -5,12 +5,14 @@ Evaluate it on the test split of data/mri_denoising.npz (figures and metrics in 
 Denoise your own 3D or 4D NIfTI, slice by slice, back into its own intensity units:
     python scripts/use_trained_autoencoder.py --input scan.nii.gz --output scan_denoised.nii.gz [--report]"""
 import json
+import math
 import os
 import time
 
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists,
@@ -41,6 +43,12 @@ batch_size = 16          # slices per forward pass, at most (fewer for slices bi
 precision = "auto"       # "auto": the convolutions in bfloat16 on a CPU that computes it natively (about twice as
                          # fast, the output within about 3e-4 RMS of float32), else float32; or "float32", "bfloat16"
 # ---
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUTLIER_RANGE = (-1.0, 3.0)  # on the [0, 1] scale of the 1st-99th percentiles: beyond it a voxel is no tissue
+MASKED_FRACTION = 0.1    # a magnitude image with at least this share of exact zeros has a masked background
+MIN_ADAPT_SIZE = 8       # pixels: the adaptation's patches and held-out checks need slices at least this wide
 
 
 # --- evaluation on the test split -------------------------------------------------------------
@@ -101,10 +109,33 @@ def check_paths():
         raise InputError(f"adapt_loss={adapt_loss!r}; expected one of {', '.join(ADAPTATION_LOSSES)}")
     if not 0 < adapt_heldout_fraction < 0.5:
         raise InputError(f"adapt_heldout_fraction={adapt_heldout_fraction}; expected above 0 and below 0.5")
-    if adapt_steps < 0 or adapt_seconds <= 0:
+    if adapt_steps < 0 or not 0 < adapt_seconds < math.inf:
         raise InputError(f"adapt_steps={adapt_steps}, adapt_seconds={adapt_seconds}; expected 0 or more steps and above 0 seconds")
-    if noise_sigma < 0:
+    if not 0 <= noise_sigma < math.inf:
         raise InputError(f"noise_sigma={noise_sigma}; expected 0 (estimate) or above")
+    if batch_size < 1:
+        raise InputError(f"batch_size={batch_size}; expected 1 or more")
+    check_output_folder(output_path)
+    if report and os.path.exists(report_path()) and not overwrite:
+        raise InputError(f"{report_path()} exists; choose another output name or pass --overwrite")
+
+
+def check_output_folder(path):
+    """Fail before any work when the output cannot be written: a folder by that name, or a parent that is a
+    file or not writable."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder; expected a file name ending in .nii or .nii.gz")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # make_dirs creates the missing folders when the file is written
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"{path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{path}: no permission to write in {parent}")
+
+
+def report_path():
+    return output_path.removesuffix(".gz").removesuffix(".nii") + "_report.png"
 
 
 def robust_range(data, low_percentile, high_percentile, max_samples=2_000_000):
@@ -120,20 +151,28 @@ def slices_view(data):
     return np.moveaxis(volumes, axis, 2)
 
 
-def sample_slices(view, low, high, n_samples):
-    """Up to n_samples normalised slices spread evenly over the slices and volumes of `view`: (n, A, B)."""
+def spread_slices(view, n_samples):
+    """Up to n_samples slices spread evenly over the slices and volumes of `view`, as stored: (n, A, B)."""
     n_slices, n_volumes = view.shape[2:]
     picks = np.linspace(0, n_slices * n_volumes - 1, min(n_samples, n_slices * n_volumes)).astype(int)
-    return np.stack([normalise(view[:, :, k % n_slices, k // n_slices], low, high, clip=False) for k in picks])
+    return np.stack([view[:, :, k % n_slices, k // n_slices] for k in picks])
+
+
+def sample_slices(view, low, high, n_samples):
+    """Up to n_samples normalised slices spread evenly over the slices and volumes of `view`: (n, A, B)."""
+    return normalise(spread_slices(view, n_samples), low, high, clip=False)
 
 
 def adapt_model(model, view, low, high, sigma):
     """The network fine-tuned on this input's own slices (or the original when that does not help) and the
     threshold of the object, where the fine-tuned network is used (common.denoise_adapted)."""
+    if min(view.shape[:2]) < MIN_ADAPT_SIZE:
+        raise InputError(f"{input_path}: slices of {view.shape[0]}x{view.shape[1]} across axis {axis} are too small "
+                         f"to adapt on (at least {MIN_ADAPT_SIZE}x{MIN_ADAPT_SIZE}); leave --adapt_steps at 0")
     adapted, info = adapt_to_slices(model, sample_slices(view, low, high, 64), sigma, adapt_steps, adapt_seconds,
                                     loss=adapt_loss, heldout_fraction=adapt_heldout_fraction)
     verdict = "kept" if info["kept"] else "discarded: no clear gain on held-out pixels, using the trained network"
-    print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s, held-out self-supervised error "
+    print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s (then {info['check_seconds']:.0f} s of checks), held-out self-supervised error "
           f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e} "
           f"({info['heldout_gain_z']:.1f} standard errors lower; recorrupted check {info['recorrupted_gain_z']:.1f}; "
           f"2 needed in both, checked in the object: {100 * info['object_fraction']:.0f}% of the pixels); {verdict}")
@@ -145,19 +184,39 @@ def trained_sigma_range(metadata):
     return 0.5 * low, 1.5 * high  # a single-sigma model copes with somewhat lower or higher noise
 
 
-def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low, high, sigma, bfloat16):
+def without_outliers(scaled, outliers):
+    """(n, A, B) slices in which each outlier voxel is replaced by the median of its 3x3 neighbourhood (of the
+    slices clipped to OUTLIER_RANGE), so the network sees no spike."""
+    if not outliers.any():
+        return scaled
+    local_median = ndimage.median_filter(np.clip(scaled, *OUTLIER_RANGE), size=(1, 3, 3))
+    return np.where(outliers, local_median, scaled)
+
+
+def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low, high, sigma, bfloat16,
+                          magnitude, masked_zeros):
     """Denoise every slice of `view` into `out_view`, batch_size slices at a time; `adapted` (when it is not
-    `model`) denoises the object, above object_threshold."""
+    `model`) denoises the object, above object_threshold. Voxels far outside the scan's range (spikes, on the
+    [0, 1] scale below OUTLIER_RANGE[0] or above OUTLIER_RANGE[1]) go through unchanged and the network sees
+    their neighbourhood's median instead, so that one does not spread into its neighbours. A magnitude image's output stays >= 0, and
+    with masked_zeros its exact zeros (a background the scanner masked) stay 0."""
     n_slices, n_volumes = view.shape[2:]
     total = n_slices * n_volumes
     with tqdm(total=total, desc="denoising", unit="slice") as progress:
         for start in range(0, total, batch_size):
             ks = range(start, min(start + batch_size, total))
             batch = np.stack([view[:, :, k % n_slices, k // n_slices] for k in ks])
-            denoised = denoise_adapted(model, adapted, normalise(batch, low, high, clip=False), sigma,
-                                       object_threshold, batch_size, self_ensemble, bfloat16)
+            scaled = normalise(batch, low, high, clip=False)
+            outliers = (scaled < OUTLIER_RANGE[0]) | (scaled > OUTLIER_RANGE[1])
+            denoised = denoise_adapted(model, adapted, without_outliers(scaled, outliers), sigma, object_threshold,
+                                       batch_size, self_ensemble, bfloat16)
+            denoised = np.where(outliers, scaled, denoised) * (high - low) + low
+            if magnitude:
+                denoised = np.maximum(denoised, 0)
+            if masked_zeros:
+                denoised[batch == 0] = 0
             for k, image in zip(ks, denoised):
-                out_view[:, :, k % n_slices, k // n_slices] = image * (high - low) + low
+                out_view[:, :, k % n_slices, k // n_slices] = image
             progress.update(len(ks))
 
 
@@ -174,6 +233,7 @@ def output_image(image, denoised, model_name):
             info = np.iinfo(out_dtype)
             denoised = np.clip(np.rint(denoised), info.min, info.max).astype(out_dtype)
     header.set_data_dtype(out_dtype)
+    header["cal_min"], header["cal_max"] = 0, 0  # the input's display range; 0, 0 = unset
     if dtype != "input":
         header.set_slope_inter(1.0, 0.0)  # the float32 values are the intensities themselves
     method = "mri-denoise self-ensemble" if self_ensemble else "denoised by mri-denoise"  # 80 bytes at most
@@ -188,7 +248,7 @@ def plot_report(data, denoised, low, high, sigma):
     view, out_view = slices_view(data), slices_view(denoised)
     n_slices = view.shape[2]
     picks = np.linspace(n_slices * 0.25, n_slices * 0.75, 3).astype(int)
-    is_4d = data.ndim == 4
+    is_4d = data.ndim == 4 and data.shape[3] >= 3  # a temporal SNR needs a few volumes
     n_rows = len(picks) + is_4d
     figure, axes = plt.subplots(n_rows, 3, figsize=(10, 3.2 * n_rows), squeeze=False)
     for row, z in enumerate(picks):
@@ -247,20 +307,30 @@ def denoise_nifti(model, metadata, bfloat16):
               f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
               "expect under- or over-smoothing")
     adapted, object_threshold = adapt_model(model, view, low, high, sigma) if adapt_steps > 0 else (model, None)
+    masked_zeros = magnitude and np.mean(spread_slices(view, 24) == 0) >= MASKED_FRACTION
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
-    denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16)
+    denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16,
+                          magnitude, masked_zeros)
     model_name = os.path.basename(model_path)
     result = output_image(image, denoised, model_name)
     atomic_write(output_path, lambda tmp: nib.save(result, tmp))
     print(f"denoised image written to {output_path}" + (" (x8 self-ensemble)" if self_ensemble else ""))
     if report:
-        report_path = output_path.removesuffix(".gz").removesuffix(".nii") + "_report.png"
-        save_figure(plot_report(data, denoised, low, high, sigma), report_path)
-        print(f"report written to {report_path}")
+        save_figure(plot_report(data, denoised, low, high, sigma), report_path())
+        print(f"report written to {report_path()}")
+
+
+def repo_checkpoint(path):
+    """The checkpoint as given or, for a relative path that is not there, the repo's own copy: the default
+    model works from any folder."""
+    in_repo = os.path.join(REPO, path)
+    return in_repo if not os.path.isabs(path) and not os.path.exists(path) and os.path.isfile(in_repo) else path
 
 
 def main():
+    global model_path
     apply_overrides(globals(), aliases={"model": "model_path", "input": "input_path", "output": "output_path"})
+    model_path = repo_checkpoint(model_path)
     if "OMP_NUM_THREADS" not in os.environ:  # a limit the user set wins
         torch.set_num_threads(os.cpu_count() or 1)
     keep_freed_memory()

@@ -93,6 +93,8 @@ def test_bad_command_line_is_a_one_line_error(tmp_path, tiny_dataset, override, 
     ("--loss_weighting=log", "loss_weighting='log'"),
     ("--noise_sigma_range=0.02,0.1 --fresh_noise=false", "needs fresh_noise"),
     ("--synthetic_fraction=1.5", "synthetic_fraction=1.5"),
+    ("--learning_rate=nan", "learning_rate=nan"),
+    ("--noise_model=rician", "holds gaussian noise, on which validation would run"),
     ("--synthetic_fraction=0.5 --training_target=recorrupted", "needs training_target=clean"),
     ("--precision=half", "precision='half'"),
 ])

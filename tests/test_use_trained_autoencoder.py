@@ -268,6 +268,12 @@ def write_bad_input(kind, folder):
         write_nifti(path, noisy_phantom((40, 36, 12, 3))[1])
         whole = path.read_bytes()
         path.write_bytes(whole[:len(whole) // 2])
+    elif kind == "pair":
+        path = folder / "pair.hdr"
+        nib.save(nib.Nifti1Pair(volume, np.eye(4)), str(path))
+    elif kind == "par":
+        import importlib.resources
+        return importlib.resources.files("nibabel") / "tests" / "data" / "phantom_EPI_asc_CLEAR_2_1.PAR"
     return path
 
 
@@ -282,13 +288,102 @@ def write_bad_input(kind, folder):
     ("complex", "holds complex voxels"),
     ("rgb", "holds RGB voxels"),
     ("truncated", "truncated"),
+    ("pair", "is a NIfTI .hdr/.img pair; give a single .nii or .nii.gz"),
+    ("par", "is a PARRECImage, not a NIfTI file"),
 ])
 def test_bad_input_is_one_clear_error(trained, tmp_path, kind, fragment):
     model, _ = trained
     path = write_bad_input(kind, tmp_path)
     result = denoise(model, path, tmp_path / "out.nii.gz", check=False)
     assert_one_line_error(result, str(path), fragment)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if kind == "missing" else [path.name])
+    written = {"missing": [], "par": [], "pair": ["pair.hdr", "pair.img"]}.get(kind, [path.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["--noise_sigma=nan"], "noise_sigma=nan"), (["--noise_sigma=inf"], "noise_sigma=inf"),
+    (["--batch_size=0"], "batch_size=0"), (["--batch_size=-1"], "batch_size=-1"),
+    (["--adapt_steps=5", "--adapt_seconds=nan"], "adapt_seconds=nan"),
+])
+def test_a_setting_that_is_not_a_usable_number_is_one_clear_error(trained, tmp_path, overrides, fragment):
+    model, _ = trained
+    scan = write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
+    result = denoise(model, scan, tmp_path / "out.nii.gz", *overrides, check=False)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_folder", "report_exists"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(trained, tmp_path, where):
+    model, _ = trained
+    scan = write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
+    output, overrides, fragment = {
+        "under_a_file": (tmp_path / "scan.nii.gz" / "out.nii.gz", ["--overwrite"], "is a file, not a folder"),
+        "a_folder": (tmp_path / "folder.nii.gz", ["--overwrite"], "is a folder; expected a file name"),
+        "report_exists": (tmp_path / "out.nii.gz", ["--report"], "out_report.png exists"),
+    }[where]
+    if where == "a_folder":
+        output.mkdir()
+    if where == "report_exists":
+        (tmp_path / "out_report.png").write_bytes(b"keep me")
+    result = denoise(model, scan, output, *overrides, check=False)
+    assert_one_line_error(result, fragment)
+    assert "denoising" not in result.stdout and "estimated noise sigma" not in result.stdout
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_slices_one_pixel_wide_denoise_with_the_self_ensemble_and_refuse_adaptation(tmp_path):
+    """Slices of 12x1 (a single-slice volume cut across axis 1): the self-ensemble's turned copies of a size-1
+    axis once kept a negative stride torch refused; adaptation cannot hold out pixels in them."""
+    model = "trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt"
+    scan = write_nifti(tmp_path / "thin.nii.gz", noisy_phantom((12, 10, 1))[1])
+    denoise(model, scan, tmp_path / "out.nii.gz", "--axis=1", "--self_ensemble")
+    assert nib.load(tmp_path / "out.nii.gz").shape == (12, 10, 1)
+    result = denoise(model, scan, tmp_path / "adapted.nii.gz", "--axis=1", "--adapt_steps=3", check=False)
+    assert_one_line_error(result, "slices of 12x1 across axis 1 are too small to adapt on")
+    assert not (tmp_path / "adapted.nii.gz").exists()
+
+
+def test_the_default_model_is_found_from_any_folder(tmp_path):
+    scan = write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 4))[1])
+    result = run_script("use_trained_autoencoder", "--input=scan.nii.gz", "--output=out.nii.gz", cwd=tmp_path)
+    assert "autoencoder_dncnn_blind_bf16_200epochs_672images.pt runs in" in result.stdout
+    assert nib.load(tmp_path / "out.nii.gz").shape == (20, 18, 4)
+
+
+def test_a_spike_stays_where_it_is_and_a_masked_magnitude_background_stays_zero(trained, tmp_path):
+    """One voxel at 1e6 times the scan's range goes through unchanged instead of spreading into its
+    neighbours; a magnitude image (no negative values) gives no negative output, and its exact zeros (a
+    background the scanner masked) stay 0."""
+    clean, noisy = noisy_phantom((40, 36, 6))
+    magnitude = np.abs(noisy)
+    magnitude[:, :8] = 0  # a masked band, 22% of the voxels
+    spiky = magnitude.copy()
+    spiky[20, 18, 3] = 1e6 * magnitude.max()
+    write_nifti(tmp_path / "plain.nii.gz", magnitude)
+    write_nifti(tmp_path / "spiky.nii.gz", spiky)
+    model = "trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt"
+    for name in ("plain", "spiky"):
+        denoise(model, tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_out.nii.gz", "--noise_sigma=0.06")
+    plain, spiky_out = (nib.load(tmp_path / f"{name}_out.nii.gz").get_fdata() for name in ("plain", "spiky"))
+    assert spiky_out[20, 18, 3] == pytest.approx(spiky[20, 18, 3], rel=1e-6)
+    near = np.zeros(plain.shape, dtype=bool)
+    near[14:27, 12:25, 3] = True
+    near[20, 18, 3] = False
+    # the neighbours barely notice (0.09% of the range here; clipping the spike alone left 9%, unclipped 5e6 times it)
+    assert np.abs(spiky_out[near] - plain[near]).max() < 0.01 * magnitude.max()
+    assert plain.min() >= 0 and not plain[:, :8].any()
+    assert plain[:, 8:].min() < plain[:, 8:].max()  # and the rest was denoised, not zeroed
+
+
+def test_a_header_display_range_is_not_copied_onto_the_denoised_values(trained, tmp_path):
+    model, _ = trained
+    image = nib.Nifti1Image(noisy_phantom((20, 18, 4))[1], np.eye(4))
+    image.header["cal_min"], image.header["cal_max"] = 0, 1234
+    nib.save(image, str(tmp_path / "scan.nii.gz"))
+    denoise(model, tmp_path / "scan.nii.gz", tmp_path / "out.nii.gz")
+    header = nib.load(tmp_path / "out.nii.gz").header
+    assert (float(header["cal_min"]), float(header["cal_max"])) == (0, 0)
 
 
 def write_bad_checkpoint(kind, path):
@@ -298,18 +393,33 @@ def write_bad_checkpoint(kind, path):
         path.write_text("not a checkpoint\n")
     elif kind == "wrong_arch":
         torch.save({"state_dict": build_model("seed").state_dict(),
-                    "metadata": {"format_version": CHECKPOINT_FORMAT, "arch": "dncnn", "arch_args": {}}}, path)
+                    "metadata": complete_metadata | {"arch": "dncnn"}}, path)
     elif kind == "bad_metadata":
         torch.save({"state_dict": build_model("seed").state_dict(), "metadata": "seed"}, path)
+    elif kind == "incomplete_metadata":
+        metadata = {key: value for key, value in complete_metadata.items() if key != "normalisation"}
+        torch.save({"state_dict": build_model("seed").state_dict(), "metadata": metadata}, path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "resume":
+        path = path.with_suffix(".resume.pt")
+        torch.save({"state_dict": build_model("seed").state_dict(), "metadata": complete_metadata}, path)
     return path
+
+
+complete_metadata = {"format_version": CHECKPOINT_FORMAT, "arch": "seed", "arch_args": {}, "noise_map": False,
+                     "noise_sigma_range": [0.06, 0.06], "normalisation": {"low_percentile": 1, "high_percentile": 99}}
 
 
 @pytest.mark.parametrize("kind, fragment", [
     ("plain_dict", "not a checkpoint of this repo"),
     ("text", "not a readable PyTorch checkpoint"),
-    ("wrong_arch", "state_dict"),
+    ("wrong_arch", "Missing key(s) in state_dict"),
     ("bad_metadata", "not a checkpoint of this repo"),
+    ("incomplete_metadata", "its metadata lacks normalisation"),
     ("missing", "no such checkpoint"),
+    ("folder", "is a folder; expected a checkpoint"),
+    ("resume", "use the checkpoint beside it (model.pt)"),
 ])
 def test_bad_checkpoint_is_one_clear_error(tmp_path, kind, fragment):
     scan = write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
