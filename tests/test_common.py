@@ -144,13 +144,11 @@ def test_the_self_ensemble_turns_every_orientation_back():
     assert not np.allclose(denoise_slices(model, mirrored, 0.05), plain[:, ::-1], atol=1e-4)
 
 
-@pytest.mark.parametrize("shape, batches", [((5, 300, 200), [3, 2]), ((20, 20, 17), [16, 4]), ((2, 700, 600), [1, 1])])
-def test_big_slices_go_through_in_smaller_batches_with_the_same_result(shape, batches):
-    """A batch holds at most MAX_BATCH_PIXELS pixels (but at least one slice), and each slice's sigma goes with it."""
+def batch_counting_network():
+    """(a tiny DnCNN, the same network as a function that records each batch's size, that record)."""
     import torch
 
     import models
-    from common import denoise_slices
     torch.manual_seed(0)
     network = models.build_model("dncnn", {"depth": 2, "width": 4, "noise_map": True}).eval()
     seen = []
@@ -160,6 +158,16 @@ def test_big_slices_go_through_in_smaller_batches_with_the_same_result(shape, ba
         return network(batch, sigma)
 
     model.parameters = network.parameters
+    return network, model, seen
+
+
+@pytest.mark.parametrize("shape, batches", [((5, 300, 200), [3, 2]), ((20, 20, 17), [16, 4]), ((2, 700, 600), [1, 1])])
+def test_big_slices_go_through_in_smaller_batches_with_the_same_result(shape, batches):
+    """A batch holds at most MAX_BATCH_PIXELS pixels (but at least one slice), and each slice's sigma goes with it."""
+    import torch
+
+    from common import denoise_slices
+    network, model, seen = batch_counting_network()
     slices = np.random.default_rng(0).random(shape, dtype=np.float32)
     sigmas = np.linspace(0.01, 0.1, shape[0])
     denoised = denoise_slices(model, slices, sigmas)
@@ -174,16 +182,8 @@ def test_the_adaptation_checks_run_big_slices_in_smaller_batches_with_the_same_r
     """model_in_batches (the adaptation guard's forward passes) keeps to the same pixel cap as denoise_slices."""
     import torch
 
-    import models
     from common import model_in_batches
-    torch.manual_seed(0)
-    network = models.build_model("dncnn", {"depth": 2, "width": 4, "noise_map": True}).eval()
-    seen = []
-
-    def model(batch, sigma):
-        seen.append(len(batch))
-        return network(batch, sigma)
-
+    network, model, seen = batch_counting_network()
     images = torch.rand(5, 1, 300, 200)
     batched = model_in_batches(model, images, 0.05)
     assert seen == [3, 2]
