@@ -14,8 +14,8 @@ import torch
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
-from common import (BUNDLED_SCAN, InputError, adapt_to_slices, add_noise, apply_overrides, bm3d_slices,
-                    check_file_exists, check_self_ensemble, denoise_adapted, denoise_slices, denormalise,
+from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_slices,
+                    check_file_exists, check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise,
                     estimate_noise_sigma, foreground_mask, image_metrics, keep_freed_memory, load_checkpoint,
                     mean_psnr_in_mask, normalise, percentile_range, run_main, save_figure, save_json,
                     summarise_metrics, tsnr_map, unique_clean_slices, use_bfloat16, write_into_readme)
@@ -103,12 +103,10 @@ def network_method(model, metadata, bfloat16, adapt=False, given_sigma=None, sel
         sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0)
         if not adapt:
             return denoise_slices(model, noisy, sigma, batch_size, self_ensemble=self_ensemble, bfloat16=bfloat16)
-        adapted, info = adapt_to_slices(model, noisy, sigma, adapt_steps, adapt_seconds, loss=adapt_loss,
-                                        heldout_fraction=adapt_heldout_fraction)
-        denoise.adaptation = {key: info[key] for key in ("kept", "steps", "heldout_gain_z", "recorrupted_gain_z",
-                                                         "object_fraction")}  # read by score()
-        return denoise_adapted(model, adapted, noisy, sigma, info["object_threshold"], batch_size, self_ensemble,
-                               bfloat16)
+        denoised, denoise.adaptation = denoise_with_adaptation(  # .adaptation is read by score()
+            model, noisy, sigma, adapt_steps, adapt_seconds, batch_size, self_ensemble, bfloat16, loss=adapt_loss,
+            heldout_fraction=adapt_heldout_fraction)
+        return denoised
     return denoise
 
 

@@ -427,6 +427,10 @@ def _map_stored_npy(path, raw, header_offset):
 
 # --- running a network and showing what it did -------------------------------------------------
 
+CHECKPOINT_METADATA = ("n_parameters", "noise_map", "noise_sigma_range", "normalisation")  # what the scripts read,
+                                                                                       # besides the network's own
+
+
 def load_checkpoint(path):
     """Load a checkpoint of this repo (weights_only) and rebuild its network: (model, metadata)."""
     import torch
@@ -447,8 +451,14 @@ def load_checkpoint(path):
         # load_state_dict's first line only names the network; its second says what does not fit
         lines = [line.strip() for line in str(error).splitlines() if line.strip()][:2]
         raise InputError(f"{path}: {' '.join(lines)}"[:300]) from None
+    metadata = checkpoint["metadata"]
+    missing = [key for key in CHECKPOINT_METADATA if key not in metadata]
+    if not missing and not {"low_percentile", "high_percentile"} <= set(metadata["normalisation"]):
+        missing = ["the normalisation's percentiles"]
+    if missing:
+        raise InputError(f"{path}: its metadata lacks {', '.join(missing)}")
     # the weights in the layout of denoise_slices' batches: 1.5-2.5x faster on a CPU than the default layout
-    return model.to(memory_format=torch.channels_last).eval(), checkpoint["metadata"]
+    return model.to(memory_format=torch.channels_last).eval(), metadata
 
 
 # a batch holds at most this many pixels (16 slices of 128x96), so the activations of a 32-channel layer stay
@@ -767,6 +777,17 @@ def denoise_adapted(trained, adapted, noisy_slices, noise_sigma, threshold, batc
     inside = object_region(denoised, threshold)
     return np.where(inside, denoise_slices(adapted, noisy_slices, noise_sigma, batch_size,
                                            self_ensemble=self_ensemble, bfloat16=bfloat16), denoised)
+
+
+def denoise_with_adaptation(model, noisy_slices, noise_sigma, n_steps, max_seconds, batch_size=16,
+                            self_ensemble=False, bfloat16=False, **adapt_options):
+    """adapt_to_slices on (n, H, W) slices, then denoise_adapted: (the denoised slices, what the adaptation did:
+    kept, steps, its checks' gains in standard errors, the object's share of the pixels)."""
+    adapted, info = adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, **adapt_options)
+    denoised = denoise_adapted(model, adapted, noisy_slices, noise_sigma, info["object_threshold"], batch_size,
+                               self_ensemble, bfloat16)
+    return denoised, {key: info[key] for key in ("kept", "steps", "heldout_gain_z", "recorrupted_gain_z",
+                                                 "object_fraction")}
 
 
 def mean_psnr_in_mask(clean_slices, estimates, masks):

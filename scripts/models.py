@@ -158,9 +158,6 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-REQUIRED_METADATA = ("arch", "arch_args", "normalisation", "noise_map", "noise_sigma_range")  # what the scripts read
-
-
 def model_from_checkpoint(checkpoint):
     """Rebuild the network a checkpoint (a dict from torch.load(..., weights_only=True)) describes."""
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or not isinstance(checkpoint.get("metadata"), dict):
@@ -168,9 +165,6 @@ def model_from_checkpoint(checkpoint):
     metadata = checkpoint["metadata"]
     if metadata.get("format_version") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint format {metadata.get('format_version')}; this code reads format {CHECKPOINT_FORMAT}")
-    missing = [key for key in REQUIRED_METADATA if key not in metadata]
-    if missing:
-        raise ValueError(f"its metadata lacks {', '.join(missing)}")
     model = build_model(metadata["arch"], metadata.get("arch_args"))
     model.load_state_dict(checkpoint["state_dict"])  # raises on a mismatch of architecture
     return model

@@ -47,7 +47,7 @@ precision = "auto"       # "auto": the convolutions in bfloat16 on a CPU that co
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTLIER_RANGE = (-1.0, 3.0)  # on the [0, 1] scale of the 1st-99th percentiles: beyond it a voxel is no tissue
-MASKED_FRACTION = 0.1    # a magnitude image with at least this share of exact zeros has a masked background
+MASKED_FRACTION = 0.1    # a magnitude image with at least this share of masked_background has one
 MIN_ADAPT_SIZE = 8       # pixels: the adaptation's patches and held-out checks need slices at least this wide
 
 
@@ -96,6 +96,7 @@ def check_paths():
     if not output_path.endswith((".nii", ".nii.gz")):
         raise InputError(f"{output_path}: the output name must end in .nii or .nii.gz")
     check_file_exists(input_path)
+    check_output_folder(output_path)
     if os.path.abspath(output_path) == os.path.abspath(input_path) or (
             os.path.exists(output_path) and os.path.samefile(output_path, input_path)):
         raise InputError(f"{output_path} is the input file; it is never overwritten")
@@ -115,7 +116,6 @@ def check_paths():
         raise InputError(f"noise_sigma={noise_sigma}; expected 0 (estimate) or above")
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size}; expected 1 or more")
-    check_output_folder(output_path)
     if report and os.path.exists(report_path()) and not overwrite:
         raise InputError(f"{report_path()} exists; choose another output name or pass --overwrite")
 
@@ -151,16 +151,43 @@ def slices_view(data):
     return np.moveaxis(volumes, axis, 2)
 
 
+def slices_at(view, ks):
+    """Slices number ks of `view` (slice k % n_slices of volume k // n_slices), as stored: (len(ks), A, B)."""
+    n_slices = view.shape[2]
+    return np.stack([view[:, :, k % n_slices, k // n_slices] for k in ks])
+
+
 def spread_slices(view, n_samples):
     """Up to n_samples slices spread evenly over the slices and volumes of `view`, as stored: (n, A, B)."""
-    n_slices, n_volumes = view.shape[2:]
-    picks = np.linspace(0, n_slices * n_volumes - 1, min(n_samples, n_slices * n_volumes)).astype(int)
-    return np.stack([view[:, :, k % n_slices, k // n_slices] for k in picks])
+    n_total = view.shape[2] * view.shape[3]
+    return slices_at(view, np.linspace(0, n_total - 1, min(n_samples, n_total)).astype(int))
+
+
+def outlier_voxels(scaled):
+    """Where normalised slices lie outside OUTLIER_RANGE: spikes, no tissue."""
+    return (scaled < OUTLIER_RANGE[0]) | (scaled > OUTLIER_RANGE[1])
+
+
+def without_outliers(scaled):
+    """Normalised (n, A, B) slices in which each outlier voxel is replaced by the median of its 3x3
+    neighbourhood (of the slices clipped to OUTLIER_RANGE), so the network sees no spike."""
+    outliers = outlier_voxels(scaled)
+    if not outliers.any():
+        return scaled
+    local_median = ndimage.median_filter(np.clip(scaled, *OUTLIER_RANGE), size=(1, 3, 3))
+    return np.where(outliers, local_median, scaled)
 
 
 def sample_slices(view, low, high, n_samples):
-    """Up to n_samples normalised slices spread evenly over the slices and volumes of `view`: (n, A, B)."""
-    return normalise(spread_slices(view, n_samples), low, high, clip=False)
+    """Up to n_samples slices spread evenly over the slices and volumes of `view`, normalised, as the network
+    sees them (without_outliers): (n, A, B)."""
+    return without_outliers(normalise(spread_slices(view, n_samples), low, high, clip=False))
+
+
+def masked_background(batch):
+    """Exact zeros of (n, A, B) slices that form regions (a background the scanner masked), not single
+    voxels that are 0 by noise or rounding: those that survive an opening with a 3x3 square."""
+    return ndimage.binary_opening(batch == 0, structure=np.ones((1, 3, 3), dtype=bool))
 
 
 def adapt_model(model, view, low, high, sigma):
@@ -172,7 +199,8 @@ def adapt_model(model, view, low, high, sigma):
     adapted, info = adapt_to_slices(model, sample_slices(view, low, high, 64), sigma, adapt_steps, adapt_seconds,
                                     loss=adapt_loss, heldout_fraction=adapt_heldout_fraction)
     verdict = "kept" if info["kept"] else "discarded: no clear gain on held-out pixels, using the trained network"
-    print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s (then {info['check_seconds']:.0f} s of checks), held-out self-supervised error "
+    print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s (and {info['check_seconds']:.0f} s of checks), "
+          f"held-out self-supervised error "
           f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e} "
           f"({info['heldout_gain_z']:.1f} standard errors lower; recorrupted check {info['recorrupted_gain_z']:.1f}; "
           f"2 needed in both, checked in the object: {100 * info['object_fraction']:.0f}% of the pixels); {verdict}")
@@ -184,37 +212,27 @@ def trained_sigma_range(metadata):
     return 0.5 * low, 1.5 * high  # a single-sigma model copes with somewhat lower or higher noise
 
 
-def without_outliers(scaled, outliers):
-    """(n, A, B) slices in which each outlier voxel is replaced by the median of its 3x3 neighbourhood (of the
-    slices clipped to OUTLIER_RANGE), so the network sees no spike."""
-    if not outliers.any():
-        return scaled
-    local_median = ndimage.median_filter(np.clip(scaled, *OUTLIER_RANGE), size=(1, 3, 3))
-    return np.where(outliers, local_median, scaled)
-
-
 def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low, high, sigma, bfloat16,
                           magnitude, masked_zeros):
     """Denoise every slice of `view` into `out_view`, batch_size slices at a time; `adapted` (when it is not
-    `model`) denoises the object, above object_threshold. Voxels far outside the scan's range (spikes, on the
-    [0, 1] scale below OUTLIER_RANGE[0] or above OUTLIER_RANGE[1]) go through unchanged and the network sees
-    their neighbourhood's median instead, so that one does not spread into its neighbours. A magnitude image's output stays >= 0, and
-    with masked_zeros its exact zeros (a background the scanner masked) stay 0."""
+    `model`) denoises the object, above object_threshold. Voxels far outside the scan's range (spikes, see
+    outlier_voxels) go through unchanged and the network sees their neighbourhood's median instead, so that
+    one does not spread into its neighbours. A magnitude image's output stays >= 0, and with masked_zeros its
+    masked_background stays 0."""
     n_slices, n_volumes = view.shape[2:]
     total = n_slices * n_volumes
     with tqdm(total=total, desc="denoising", unit="slice") as progress:
         for start in range(0, total, batch_size):
             ks = range(start, min(start + batch_size, total))
-            batch = np.stack([view[:, :, k % n_slices, k // n_slices] for k in ks])
+            batch = slices_at(view, ks)
             scaled = normalise(batch, low, high, clip=False)
-            outliers = (scaled < OUTLIER_RANGE[0]) | (scaled > OUTLIER_RANGE[1])
-            denoised = denoise_adapted(model, adapted, without_outliers(scaled, outliers), sigma, object_threshold,
+            denoised = denoise_adapted(model, adapted, without_outliers(scaled), sigma, object_threshold,
                                        batch_size, self_ensemble, bfloat16)
-            denoised = np.where(outliers, scaled, denoised) * (high - low) + low
+            denoised = np.where(outlier_voxels(scaled), scaled, denoised) * (high - low) + low
             if magnitude:
                 denoised = np.maximum(denoised, 0)
             if masked_zeros:
-                denoised[batch == 0] = 0
+                denoised[masked_background(batch)] = 0
             for k, image in zip(ks, denoised):
                 out_view[:, :, k % n_slices, k // n_slices] = image
             progress.update(len(ks))
@@ -307,7 +325,7 @@ def denoise_nifti(model, metadata, bfloat16):
               f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
               "expect under- or over-smoothing")
     adapted, object_threshold = adapt_model(model, view, low, high, sigma) if adapt_steps > 0 else (model, None)
-    masked_zeros = magnitude and np.mean(spread_slices(view, 24) == 0) >= MASKED_FRACTION
+    masked_zeros = magnitude and np.mean(masked_background(spread_slices(view, 24))) >= MASKED_FRACTION
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16,
                           magnitude, masked_zeros)

@@ -13,6 +13,8 @@ def test_a_tiny_inference_benchmark_measures_time_memory_and_adaptation(tmp_path
                "--n_epochs=1", "--batch_size=8")
     model = next(p for p in tmp_path.glob("autoencoder_dncnn_*.pt") if not p.name.endswith(".resume.pt"))
     results_path = tmp_path / "inference.json"
+    readme = "<!-- benchmark_inference:start -->\nold table\n<!-- benchmark_inference:end -->\n"
+    (tmp_path / "README.md").write_text(readme)
     result = run_script("benchmark_inference", f"--model={model}", "--shape=24,20,3,4", "--adapt_shape=24,24,3",
                         "--adapt_steps=2", "--n_bm3d_slices=2", f"--results_path={results_path}",
                         "--update_readme=false", "--precision=float32", cwd=tmp_path)
@@ -25,4 +27,4 @@ def test_a_tiny_inference_benchmark_measures_time_memory_and_adaptation(tmp_path
     assert adaptation["tool_said"].startswith("adaptation: 2 steps")
     assert adaptation["psnr_mask_without"] > 0 and adaptation["psnr_mask_with"] > 0
     assert "--adapt_steps=2" in result.stdout
-    assert not (tmp_path / "README.md").exists()
+    assert (tmp_path / "README.md").read_text() == readme  # --update_readme=false
