@@ -16,7 +16,7 @@ def test_each_method_is_scored_against_the_noisy_reference_and_the_clean_slices(
     readme = "before\n<!-- benchmark_noisy_reference:start -->\nold table\n<!-- benchmark_noisy_reference:end -->\n"
     (tmp_path / "README.md").write_text(readme)
     run_script("benchmark_noisy_reference", f"--dataset_path={tiny_dataset}", f"--model_paths={model}",
-               "--reference_sigma=0.05", "--noise_sigma=0.1", "--n_realisations=20", "--adapt_steps=2",
+               "--reference_sigma=0.05", "--noise_sigma=0.1", "--n_realisations=6", "--adapt_steps=2",
                "--precision=float32", f"--results_path={results_path}", "--update_readme=false", cwd=tmp_path)
     results = json.loads(results_path.read_text())
     rows = results["rows"]
