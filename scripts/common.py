@@ -427,8 +427,8 @@ def _map_stored_npy(path, raw, header_offset):
 
 # --- running a network and showing what it did -------------------------------------------------
 
-CHECKPOINT_METADATA = ("n_parameters", "noise_map", "noise_sigma_range", "normalisation")  # what the scripts read,
-                                                                                       # besides the network's own
+# what the scripts read from a checkpoint's metadata, besides the description of the network itself
+CHECKPOINT_METADATA = ("n_parameters", "noise_map", "noise_sigma_range", "normalisation")
 
 
 def load_checkpoint(path):
@@ -453,7 +453,9 @@ def load_checkpoint(path):
         raise InputError(f"{path}: {' '.join(lines)}"[:300]) from None
     metadata = checkpoint["metadata"]
     missing = [key for key in CHECKPOINT_METADATA if key not in metadata]
-    if not missing and not {"low_percentile", "high_percentile"} <= set(metadata["normalisation"]):
+    normalisation = metadata.get("normalisation")
+    percentiles = {"low_percentile", "high_percentile"}
+    if not missing and not (isinstance(normalisation, dict) and percentiles <= set(normalisation)):
         missing = ["the normalisation's percentiles"]
     if missing:
         raise InputError(f"{path}: its metadata lacks {', '.join(missing)}")

@@ -37,7 +37,8 @@ learning_rate = 1e-3
 lr_schedule = "constant"       # "constant" or "cosine" (decays to 0 at the last epoch)
 seed = 0
 fresh_noise = True             # draw new noise every epoch; False reuses the fixed noise in the .npz
-noise_model = ""               # "gaussian" or "rician", as the dataset's noise (validation runs on it); "" = the dataset's
+noise_model = ""               # "gaussian" or "rician": must be the dataset's noise, on which validation runs;
+                               # "" = the dataset's
 noise_sigma_range = []         # train over sigmas drawn from [low, high] (a blind model); [] = the dataset's sigma
 training_target = "clean"     # "clean" (supervised); "time_partner": the same slice at a neighbouring time
                                # point with its own noise (Noise2Noise, make_dataset --pairing=time);
