@@ -199,8 +199,8 @@ def adapt_model(model, view, low, high, sigma):
     adapted, info = adapt_to_slices(model, sample_slices(view, low, high, 64), sigma, adapt_steps, adapt_seconds,
                                     loss=adapt_loss, heldout_fraction=adapt_heldout_fraction)
     verdict = "kept" if info["kept"] else "discarded: no clear gain on held-out pixels, using the trained network"
-    print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s (and {info['check_seconds']:.0f} s of checks), "
-          f"held-out self-supervised error "
+    print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s (and {info['check_seconds']:.0f} s of "
+          f"checks), held-out self-supervised error "
           f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e} "
           f"({info['heldout_gain_z']:.1f} standard errors lower; recorrupted check {info['recorrupted_gain_z']:.1f}; "
           f"2 needed in both, checked in the object: {100 * info['object_fraction']:.0f}% of the pixels); {verdict}")
