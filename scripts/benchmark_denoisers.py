@@ -22,7 +22,7 @@ from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_s
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
-model_paths = ["trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt",
+model_paths = ["trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt",
                "trained_models/autoencoder_seed_100epochs_672images.pt"]
 noise_model = ""                            # "gaussian" or "rician"; "" = the dataset's
 sigmas = [0.02, 0.04, 0.06, 0.09, 0.12]    # noise levels of the sweep, on the [0, 1] scale

@@ -335,7 +335,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(trained, tm
 def test_slices_one_pixel_wide_denoise_with_the_self_ensemble_and_refuse_adaptation(tmp_path):
     """Slices of 12x1 (a single-slice volume cut across axis 1): the self-ensemble's turned copies of a size-1
     axis once kept a negative stride torch refused; adaptation cannot hold out pixels in them."""
-    model = "trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt"
+    model = "trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt"
     scan = write_nifti(tmp_path / "thin.nii.gz", noisy_phantom((12, 10, 1))[1])
     denoise(model, scan, tmp_path / "out.nii.gz", "--axis=1", "--self_ensemble")
     assert nib.load(tmp_path / "out.nii.gz").shape == (12, 10, 1)
@@ -347,7 +347,7 @@ def test_slices_one_pixel_wide_denoise_with_the_self_ensemble_and_refuse_adaptat
 def test_the_default_model_is_found_from_any_folder(tmp_path):
     scan = write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 4))[1])
     result = run_script("use_trained_autoencoder", "--input=scan.nii.gz", "--output=out.nii.gz", cwd=tmp_path)
-    assert "autoencoder_dncnn_blind_bf16_200epochs_672images.pt runs in" in result.stdout
+    assert "autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt runs in" in result.stdout
     assert nib.load(tmp_path / "out.nii.gz").shape == (20, 18, 4)
 
 
@@ -364,7 +364,7 @@ def test_a_spike_stays_where_it_is_and_a_masked_magnitude_background_stays_zero(
     spiky[20, 18, 3] = 1e6 * magnitude.max()
     write_nifti(tmp_path / "plain.nii.gz", magnitude)
     write_nifti(tmp_path / "spiky.nii.gz", spiky)
-    model = "trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt"
+    model = "trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt"
     for name in ("plain", "spiky"):
         denoise(model, tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_out.nii.gz", "--noise_sigma=0.06")
     plain, spiky_out = (nib.load(tmp_path / f"{name}_out.nii.gz").get_fdata() for name in ("plain", "spiky"))
@@ -385,7 +385,7 @@ def test_a_spike_does_not_steer_the_adaptation(trained, tmp_path):
     noisy = noisy_phantom((40, 36, 6))[1]
     noisy[20, 18, 3] = 1e6 * noisy.max()
     scan = write_nifti(tmp_path / "spiky.nii.gz", noisy)
-    result = denoise("trained_models/autoencoder_dncnn_blind_bf16_200epochs_672images.pt", scan,
+    result = denoise("trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt", scan,
                      tmp_path / "out.nii.gz", "--adapt_steps=10")
     object_percent = int(result.stdout.split("checked in the object: ")[1].split("%")[0])
     assert object_percent > 20
