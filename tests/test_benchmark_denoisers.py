@@ -49,6 +49,8 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     assert set(results["ood"]) == {"test_split:coarse"}
     assert set(results["reference_sigma"]) == {"test", "test_split:coarse"}
     assert all(0 <= sigma < 0.03 for sigma in results["reference_sigma"].values())  # a noise-free phantom
+    # what the networks were told: 20x18 phantom slices, dense with edges, read about 20% high
+    assert results["estimated_sigma"]["test_split:coarse"] == pytest.approx(0.1, rel=0.3)
     assert (tmp_path / "plots" / "psnr_vs_sigma_gaussian.png").stat().st_size > 10_000
     assert (tmp_path / "denoising_examples" / "comparison_gaussian.png").stat().st_size > 10_000
     tsnr = results["tsnr"][str(real)]
