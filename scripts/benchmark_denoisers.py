@@ -17,7 +17,7 @@ from skimage.restoration import denoise_nl_means
 from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_slices,
                     check_file_exists, check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise,
                     estimate_noise_sigma, foreground_mask, image_metrics, keep_freed_memory, load_checkpoint,
-                    mean_psnr_in_mask, normalise, percentile_range, run_main, save_figure, save_json,
+                    mean_psnr_in_mask, normalise, percentile_range, remove_rician_floor, run_main, save_figure, save_json,
                     summarise_metrics, tsnr_map, unique_clean_slices, use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
@@ -94,46 +94,55 @@ def run_timed(method, noisy, n_warm_up):
     return denoised, (time.perf_counter() - started) / len(noisy)
 
 
-def network_method(model, metadata, bfloat16, adapt=False, given_sigma=None, self_ensemble=False):
+def network_method(model, metadata, bfloat16, adapt=False, given_sigma=None, self_ensemble=False, rician=False):
     """A function noisy -> denoised for one network, in bfloat16 or float32; noise-map networks get the estimated
     sigma, or given_sigma; self_ensemble averages its outputs over the 8 orientations of each slice. With adapt, the
     network is first fine-tuned on the noisy slices themselves (self-supervised) and, when the guard keeps it,
-    denoises their object while the trained network denoises the background."""
+    denoises their object while the trained network denoises the background. With rician (Rician noise), the
+    noise floor is taken out of the output of a network trained on Gaussian noise, as use_trained_autoencoder.py
+    does for a magnitude image."""
+    remove_floor = rician and metadata["noise_model"] != "rician"
     def denoise(noisy):
-        sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt else 0.0)
+        sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt or remove_floor else 0.0)
         if not adapt:
-            return denoise_slices(model, noisy, sigma, batch_size, self_ensemble=self_ensemble, bfloat16=bfloat16)
-        denoised, denoise.adaptation = denoise_with_adaptation(  # .adaptation is read by score()
-            model, noisy, sigma, adapt_steps, adapt_seconds, batch_size, self_ensemble, bfloat16, loss=adapt_loss,
-            heldout_fraction=adapt_heldout_fraction)
-        return denoised
+            denoised = denoise_slices(model, noisy, sigma, batch_size, self_ensemble=self_ensemble, bfloat16=bfloat16)
+        else:
+            denoised, denoise.adaptation = denoise_with_adaptation(  # .adaptation is read by score()
+                model, noisy, sigma, adapt_steps, adapt_seconds, batch_size, self_ensemble, bfloat16, loss=adapt_loss,
+                heldout_fraction=adapt_heldout_fraction)
+        return remove_rician_floor(denoised, sigma) if remove_floor else denoised
     return denoise
 
 
 CLASSICAL_METHODS = ("noisy input", "Gaussian filter (width tuned on val)", "non-local means (h tuned on val)",
                      "BM3D (true sigma)")
+BM3D_WITHOUT_FLOOR = "BM3D (true sigma), noise floor taken out"  # with Rician noise, as the networks get it
 
 
-def all_methods(sigma, width, strength, networks, bfloat16):
+def all_methods(sigma, width, strength, networks, bfloat16, rician):
     noisy, gaussian, nlm, bm3d = CLASSICAL_METHODS
     methods = {noisy: lambda n: n,
                gaussian: lambda n: gaussian_filter_slices(n, width),
                nlm: lambda n: nlm_slices(n, sigma, strength),
                bm3d: lambda n: bm3d_slices(n, sigma)}
+    if rician:
+        methods[BM3D_WITHOUT_FLOOR] = lambda n: remove_rician_floor(bm3d_slices(n, sigma), sigma)
     for name, (model, metadata, path) in networks.items():
-        methods[name] = network_method(model, metadata, bfloat16)
+        methods[name] = network_method(model, metadata, bfloat16, rician=rician)
         short = name.split(" (")[0]
         if path in float32_model_paths and bfloat16:
-            methods[short + " in float32"] = network_method(model, metadata, False)
+            methods[short + " in float32"] = network_method(model, metadata, False, rician=rician)
         if path in self_ensemble_model_paths:
-            methods[short + " x8 self-ensemble"] = network_method(model, metadata, bfloat16, self_ensemble=True)
+            methods[short + " x8 self-ensemble"] = network_method(model, metadata, bfloat16, self_ensemble=True,
+                                                                  rician=rician)
         if path in true_sigma_model_paths:
-            methods[short + " given the true sigma"] = network_method(model, metadata, bfloat16, given_sigma=sigma)
+            methods[short + " given the true sigma"] = network_method(model, metadata, bfloat16, given_sigma=sigma,
+                                                                      rician=rician)
         if path in adapt_model_paths:
-            methods[short + " + adaptation"] = network_method(model, metadata, bfloat16, adapt=True)
+            methods[short + " + adaptation"] = network_method(model, metadata, bfloat16, adapt=True, rician=rician)
         if path in adapt_model_paths and path in true_sigma_model_paths:
             methods[short + " + adaptation given the true sigma"] = network_method(
-                model, metadata, bfloat16, adapt=True, given_sigma=sigma)
+                model, metadata, bfloat16, adapt=True, given_sigma=sigma, rician=rician)
     return methods
 
 
@@ -143,7 +152,7 @@ def score(methods, noisy, clean, masks):
     for name, method in methods.items():
         # a network's first call with each batch shape pays for memory and for building its kernels (about 50 ms
         # in bfloat16): it is warmed up on all the slices, BM3D and the other classical methods on 2
-        n_warm_up = 0 if "adaptation" in name else 2 if name in CLASSICAL_METHODS else len(noisy)
+        n_warm_up = 0 if "adaptation" in name else 2 if name in (*CLASSICAL_METHODS, BM3D_WITHOUT_FLOOR) else len(noisy)
         denoised, seconds = run_timed(method, noisy, n_warm_up)
         per_slice = [image_metrics(c, d, m) for c, d, m in zip(clean, denoised, masks)]
         rows[name] = {**summarise_metrics(per_slice), "seconds_per_slice": seconds}
@@ -308,7 +317,7 @@ def plot_psnr_vs_sigma(sweep, title):
 def compared_methods(rows):
     """The methods the comparison figure shows: the classical ones, the original (seed) network, the first network
     of model_paths and the best-scoring one as a user can run it (with the sigma it estimates)."""
-    networks = [name for name in rows if name not in CLASSICAL_METHODS]
+    networks = [name for name in rows if name not in (*CLASSICAL_METHODS, BM3D_WITHOUT_FLOOR)]
     seed_networks = [name for name in networks if name.startswith("seed")]
     runnable = [name for name in networks if "given the true sigma" not in name]
     best = [max(runnable, key=lambda name: rows[name]["psnr_mask"]["mean"])] if runnable else []
@@ -392,7 +401,7 @@ def main():
     for sigma in sigmas:
         width, strength = tuned_parameters(sigma, model_noise, val, rng)
         tuned[sigma] = {"gaussian_width": width, "nlm_strength": strength}
-        methods = all_methods(sigma, width, strength, networks, bfloat16)
+        methods = all_methods(sigma, width, strength, networks, bfloat16, rician=model_noise == "rician")
         noisy, clean = noisy_versions(test["clean"], sigma, model_noise, rng, n_realisations)
         masks = np.repeat(test["mask"], n_realisations, axis=0)
         rows, outputs = score(methods, noisy, clean, masks)
@@ -416,7 +425,10 @@ def main():
         slices, shape, head, intensity_range = real_series_slices(name)
         estimated = estimate_noise_sigma(slices)
         tuned_main = tuned[main_sigma]
-        methods = all_methods(estimated, tuned_main["gaussian_width"], tuned_main["nlm_strength"], networks, bfloat16)
+        methods = all_methods(estimated, tuned_main["gaussian_width"], tuned_main["nlm_strength"], networks, bfloat16,
+                              rician=False)  # use_trained_autoencoder.py would take out the Rician floor of a
+                                             # real magnitude series; not here: these slices are on their
+                                             # percentile scale, whose 0 is not zero signal
         medians = {method_name: median_tsnr(method(slices), shape, head, intensity_range)
                    for method_name, method in methods.items()}
         tsnr_rows[name] = {"median_tsnr": medians, "shape": list(shape), "estimated_sigma": estimated}

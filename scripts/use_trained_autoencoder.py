@@ -18,7 +18,8 @@ from tqdm import tqdm
 from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists,
                     check_self_ensemble, denoise_adapted, denoise_slices, estimate_noise_sigma, foreground_mask,
                     image_metrics, keep_freed_memory, load_checkpoint, load_nifti, normalise, percentile_range,
-                    plot_denoising_grid, run_main, save_figure, save_json, summarise_metrics, tsnr_map, use_bfloat16)
+                    plot_denoising_grid, remove_rician_floor, run_main, save_figure, save_json, summarise_metrics,
+                    tsnr_map, use_bfloat16)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = "trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt"
@@ -38,6 +39,8 @@ adapt_loss = "recorrupted"  # its self-supervised loss: "recorrupted" (assumes G
                             # sigma, full resolution) or "neighbor2neighbor" (half-resolution sub-images)
 self_ensemble = False    # average the network's outputs over the 8 flips and 90-degree rotations of each slice
                          # (for networks trained on them): 0.04-0.12 dB better in the benchmark, 8x the time
+rician_floor = True      # magnitude images (no negative values): take the Rician noise floor out of the output,
+                         # which networks trained on Gaussian noise keep (common.remove_rician_floor)
 batch_size = 16          # slices per forward pass, at most (fewer for slices bigger than 128x96: common.MAX_BATCH_PIXELS);
                          # larger batches are no faster on a CPU and cost memory
 precision = "auto"       # "auto": the convolutions in bfloat16 on a CPU that computes it natively (about twice as
@@ -54,18 +57,27 @@ MIN_ADAPT_SIZE = 8       # pixels: the adaptation's patches and held-out checks 
 # --- evaluation on the test split -------------------------------------------------------------
 
 def load_test_split(path):
+    """The test split's clean, noisy and mask slices, and the dataset's settings."""
     check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
     with np.load(path, allow_pickle=False) as archive:
         test = archive["split"] == "test"
         return ({k: archive[k][test] for k in ("clean", "noisy", "mask")},
-                float(json.loads(str(archive["settings_json"]))["noise_sigma"]))
+                json.loads(str(archive["settings_json"])))
 
 
-def evaluate_on_test_split(model, bfloat16):
-    test, dataset_sigma = load_test_split(dataset_path)
+def keeps_rician_floor(metadata):
+    """Whether this network's output on a magnitude image still holds the Rician noise floor to remove."""
+    return rician_floor and metadata["noise_model"] != "rician"
+
+
+def evaluate_on_test_split(model, metadata, bfloat16):
+    test, dataset_settings = load_test_split(dataset_path)
+    dataset_sigma = float(dataset_settings["noise_sigma"])
     started = time.perf_counter()
     denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size, self_ensemble=self_ensemble,
                               bfloat16=bfloat16)
+    if dataset_settings["noise_model"] == "rician" and keeps_rician_floor(metadata):
+        denoised = remove_rician_floor(denoised, dataset_sigma)
     seconds_per_slice = (time.perf_counter() - started) / len(denoised)
     noisy_metrics = [image_metrics(c, n, m) for c, n, m in zip(test["clean"], test["noisy"], test["mask"])]
     denoised_metrics = [image_metrics(c, d, m) for c, d, m in zip(test["clean"], denoised, test["mask"])]
@@ -213,12 +225,13 @@ def trained_sigma_range(metadata):
 
 
 def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low, high, sigma, bfloat16,
-                          magnitude, masked_zeros):
+                          magnitude, masked_zeros, floor_sigma):
     """Denoise every slice of `view` into `out_view`, batch_size slices at a time; `adapted` (when it is not
     `model`) denoises the object, above object_threshold. Voxels far outside the scan's range (spikes, see
     outlier_voxels) go through unchanged and the network sees their neighbourhood's median instead, so that
-    one does not spread into its neighbours. A magnitude image's output stays >= 0, and with masked_zeros its
-    masked_background stays 0."""
+    one does not spread into its neighbours. A magnitude image's output stays >= 0, loses the Rician noise
+    floor of sigma floor_sigma (in intensity units; 0: none), and with masked_zeros its masked_background
+    stays 0."""
     n_slices, n_volumes = view.shape[2:]
     total = n_slices * n_volumes
     with tqdm(total=total, desc="denoising", unit="slice") as progress:
@@ -230,7 +243,7 @@ def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low,
                                        batch_size, self_ensemble, bfloat16)
             denoised = np.where(outlier_voxels(scaled), scaled, denoised) * (high - low) + low
             if magnitude:
-                denoised = np.maximum(denoised, 0)
+                denoised = remove_rician_floor(np.maximum(denoised, 0), floor_sigma)
             if masked_zeros:
                 denoised[masked_background(batch)] = 0
             for k, image in zip(ks, denoised):
@@ -317,7 +330,8 @@ def denoise_nifti(model, metadata, bfloat16):
     sigma = noise_sigma or estimated
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
           f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale "
-          f"({'a magnitude image: no negative values' if magnitude else 'negative values: no magnitude correction'})"
+          f"({'a magnitude image: no negative values' if magnitude else 'negative values: no magnitude correction'}"
+          + ("; the Rician noise floor will be taken out)" if magnitude and keeps_rician_floor(metadata) else ")")
           + (f", using {sigma:.4f} as given" if noise_sigma else ""))
     sigma_low, sigma_high = trained_sigma_range(metadata)
     if not sigma_low <= sigma <= sigma_high:
@@ -326,9 +340,10 @@ def denoise_nifti(model, metadata, bfloat16):
               "expect under- or over-smoothing")
     adapted, object_threshold = adapt_model(model, view, low, high, sigma) if adapt_steps > 0 else (model, None)
     masked_zeros = magnitude and np.mean(masked_background(spread_slices(view, 24))) >= MASKED_FRACTION
+    floor_sigma = sigma * (high - low) if magnitude and keeps_rician_floor(metadata) else 0.0
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16,
-                          magnitude, masked_zeros)
+                          magnitude, masked_zeros, floor_sigma)
     model_name = os.path.basename(model_path)
     result = output_image(image, denoised, model_name)
     atomic_write(output_path, lambda tmp: nib.save(result, tmp))
@@ -361,7 +376,7 @@ def main():
     if input_path:
         denoise_nifti(model, metadata, bfloat16)
     else:
-        evaluate_on_test_split(model, bfloat16)
+        evaluate_on_test_split(model, metadata, bfloat16)
 
 
 if __name__ == "__main__":

@@ -378,6 +378,34 @@ def test_a_spike_stays_where_it_is_and_a_masked_magnitude_background_stays_zero(
     assert np.all(plain[pinholes] > 0.05 * magnitude.max())  # the single zeros were denoised, not kept
 
 
+def test_the_rician_noise_floor_is_taken_out_of_a_magnitude_image(tmp_path):
+    """Rician noise lifts a magnitude image's mean (to 1.25 sigma where there is no signal); a network trained
+    on Gaussian noise keeps that floor unless it is taken out."""
+    clean = phantom_volume((40, 36, 6))
+    low, high = np.percentile(clean, [1, 99])
+    sigma = SIGMA * (high - low)
+    draws = np.random.default_rng(3).standard_normal((2, *clean.shape))
+    magnitude = np.hypot(clean + sigma * draws[0], sigma * draws[1]).astype(np.float32)
+    scan = write_nifti(tmp_path / "magnitude.nii.gz", magnitude)
+    model = "trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt"
+    result = denoise(model, scan, tmp_path / "out.nii.gz")
+    assert "the Rician noise floor will be taken out" in result.stdout
+    denoise(model, scan, tmp_path / "kept.nii.gz", "--rician_floor=false")
+    out, kept = (nib.load(tmp_path / f"{name}.nii.gz").get_fdata() for name in ("out", "kept"))
+    background, head = clean < 0.1 * high, clean > 0.2 * high  # the phantom: 0 (with noise of its own) or 240-720
+    assert np.mean(kept[background]) > 0.5 * sigma and np.mean(out[background]) < 0.5 * np.mean(kept[background])
+    assert np.mean(np.abs(out - clean)[head]) <= np.mean(np.abs(kept - clean)[head])
+
+
+def test_remove_rician_floor_recovers_the_signal_under_the_mean_of_rician_noise():
+    from common import add_noise, remove_rician_floor
+    draws = np.random.default_rng(0).standard_normal((2, 200_000)).astype(np.float32)
+    for signal in (0.2, 0.5):
+        mean = float(np.mean(add_noise(np.full(200_000, signal, np.float32), 0.06, "rician", draws)))
+        assert mean - signal > 0.003
+        assert remove_rician_floor(mean, 0.06) == pytest.approx(signal, abs=0.001)
+
+
 def test_a_spike_does_not_steer_the_adaptation(trained, tmp_path):
     """The adaptation and the noise estimate see the slices as the network does, the spike replaced: with the
     spike, the object (where an adapted network is used) once shrank to 0% of the pixels, above the spike's
