@@ -349,6 +349,10 @@ def test_the_default_model_is_found_from_any_folder(tmp_path):
     result = run_script("use_trained_autoencoder", "--input=scan.nii.gz", "--output=out.nii.gz", cwd=tmp_path)
     assert "autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt runs in" in result.stdout
     assert nib.load(tmp_path / "out.nii.gz").shape == (20, 18, 4)
+    assert "note: slices of 20x18 are small" in result.stdout  # the estimate reads anatomy as noise there
+    result = run_script("use_trained_autoencoder", "--input=scan.nii.gz", "--output=out.nii.gz", "--overwrite",
+                        "--noise_sigma=0.05", cwd=tmp_path)
+    assert "note: slices" not in result.stdout
 
 
 def test_a_spike_stays_where_it_is_and_a_masked_magnitude_background_stays_zero(trained, tmp_path):
