@@ -17,8 +17,8 @@ from skimage.restoration import denoise_nl_means
 from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_slices,
                     check_file_exists, check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise,
                     estimate_noise_sigma, foreground_mask, image_metrics, keep_freed_memory, load_checkpoint,
-                    mean_psnr_in_mask, normalise, percentile_range, remove_rician_floor, run_main, save_figure, save_json,
-                    summarise_metrics, tsnr_map, unique_clean_slices, use_bfloat16, write_into_readme)
+                    mean_psnr_in_mask, normalise, percentile_range, remove_rician_floor, run_main, save_figure,
+                    save_json, summarise_metrics, tsnr_map, unique_clean_slices, use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -152,7 +152,8 @@ def score(methods, noisy, clean, masks):
     for name, method in methods.items():
         # a network's first call with each batch shape pays for memory and for building its kernels (about 50 ms
         # in bfloat16): it is warmed up on all the slices, BM3D and the other classical methods on 2
-        n_warm_up = 0 if "adaptation" in name else 2 if name in (*CLASSICAL_METHODS, BM3D_WITHOUT_FLOOR) else len(noisy)
+        classical = name in (*CLASSICAL_METHODS, BM3D_WITHOUT_FLOOR)
+        n_warm_up = 0 if "adaptation" in name else 2 if classical else len(noisy)
         denoised, seconds = run_timed(method, noisy, n_warm_up)
         per_slice = [image_metrics(c, d, m) for c, d, m in zip(clean, denoised, masks)]
         rows[name] = {**summarise_metrics(per_slice), "seconds_per_slice": seconds}

@@ -586,9 +586,9 @@ def slice_noise_sigma(image, magnitude=None):
     - in a magnitude image (real MRI, Rician noise) pure noise where the image is dark has a Rayleigh
       distribution, which spreads only 0.655 as much as sigma (Henkelman 1985): there the coefficients are
       divided by 0.655 first, or a scan with much background gets too low a sigma (0.047 for 0.06).
-    Coefficients that read exact zeros (a background the scanner masked) are left out. The estimate still reads anatomy as noise
-    where every position has some, as in very small slices of a head (17x21 voxels: about 15% high at 0.06).
-    A slice thinner than 4 pixels gives 0. magnitude: whether the image is one; None guesses it from the values
+    Coefficients that read exact zeros (a background the scanner masked) are left out. The estimate still
+    reads anatomy as noise where every position has some, as in very small slices of a head (17x21 voxels: up
+    to 20% high at 0.06). A slice thinner than 4 pixels gives 0. magnitude: whether the image is one; None guesses it from the values
     (see estimate_noise_sigma)."""
     import pywt
     image = np.asarray(image, dtype=np.float64)

@@ -77,13 +77,15 @@ def evaluate_on_test_split(model, metadata, bfloat16):
     started = time.perf_counter()
     denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size, self_ensemble=self_ensemble,
                               bfloat16=bfloat16)
-    if dataset_settings["noise_model"] == "rician" and keeps_rician_floor(metadata):
+    floor_removed = dataset_settings["noise_model"] == "rician" and keeps_rician_floor(metadata)
+    if floor_removed:
         denoised = remove_rician_floor(denoised, dataset_sigma)
     seconds_per_slice = (time.perf_counter() - started) / len(denoised)
     noisy_metrics = [image_metrics(c, n, m) for c, n, m in zip(test["clean"], test["noisy"], test["mask"])]
     denoised_metrics = [image_metrics(c, d, m) for c, d, m in zip(test["clean"], denoised, test["mask"])]
     results = {"model": model_path, "dataset": dataset_path, "n_test_slices": len(denoised),
                "noise_sigma": dataset_sigma, "self_ensemble": self_ensemble,
+               "rician_floor_removed": floor_removed,
                "precision": "bfloat16" if bfloat16 else "float32", "seconds_per_slice": seconds_per_slice,
                "noisy": summarise_metrics(noisy_metrics), "denoised": summarise_metrics(denoised_metrics)}
     name = os.path.splitext(os.path.basename(model_path))[0] + ("_self_ensemble" if self_ensemble else "")
