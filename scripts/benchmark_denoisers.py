@@ -127,22 +127,22 @@ def all_methods(sigma, width, strength, networks, bfloat16, rician):
                bm3d: lambda n: bm3d_slices(n, sigma)}
     if rician:
         methods[BM3D_WITHOUT_FLOOR] = lambda n: remove_rician_floor(bm3d_slices(n, sigma), sigma)
+    def network(model, metadata, precision_bfloat16=bfloat16, **options):
+        return network_method(model, metadata, precision_bfloat16, rician=rician, **options)
     for name, (model, metadata, path) in networks.items():
-        methods[name] = network_method(model, metadata, bfloat16, rician=rician)
+        methods[name] = network(model, metadata)
         short = name.split(" (")[0]
         if path in float32_model_paths and bfloat16:
-            methods[short + " in float32"] = network_method(model, metadata, False, rician=rician)
+            methods[short + " in float32"] = network(model, metadata, False)
         if path in self_ensemble_model_paths:
-            methods[short + " x8 self-ensemble"] = network_method(model, metadata, bfloat16, self_ensemble=True,
-                                                                  rician=rician)
+            methods[short + " x8 self-ensemble"] = network(model, metadata, self_ensemble=True)
         if path in true_sigma_model_paths:
-            methods[short + " given the true sigma"] = network_method(model, metadata, bfloat16, given_sigma=sigma,
-                                                                      rician=rician)
+            methods[short + " given the true sigma"] = network(model, metadata, given_sigma=sigma)
         if path in adapt_model_paths:
-            methods[short + " + adaptation"] = network_method(model, metadata, bfloat16, adapt=True, rician=rician)
+            methods[short + " + adaptation"] = network(model, metadata, adapt=True)
         if path in adapt_model_paths and path in true_sigma_model_paths:
-            methods[short + " + adaptation given the true sigma"] = network_method(
-                model, metadata, bfloat16, adapt=True, given_sigma=sigma, rician=rician)
+            methods[short + " + adaptation given the true sigma"] = network(model, metadata, adapt=True,
+                                                                            given_sigma=sigma)
     return methods
 
 

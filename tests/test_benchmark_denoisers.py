@@ -104,3 +104,21 @@ def test_the_comparison_figure_keeps_its_title_and_labels_each_panel():
     assert figure._suptitle.get_text() == "gaussian noise, sigma 0.06, a test slice"
     titles = [axis.get_title() for axis in figure.axes[:len(names) + 1]]
     assert titles[-2] == "shufflenet_blind_\n200epochs_672images\n24.00 dB" and titles[-1] == "clean"
+
+
+def test_with_rician_noise_the_floor_comes_out_of_gaussian_trained_networks_and_an_extra_bm3d_row():
+    from benchmark_denoisers import BM3D_WITHOUT_FLOOR, all_methods, network_method
+    from common import add_noise, load_checkpoint, remove_rician_floor
+    model, metadata = load_checkpoint("trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt")
+    clean = phantom_volume((32, 28, 2)).transpose(2, 0, 1) / 1000
+    draws = np.random.default_rng(0).standard_normal((2, *clean.shape))
+    noisy = add_noise(clean, 0.06, "rician", draws).astype(np.float32)
+    plain = network_method(model, metadata, False, given_sigma=0.06)(noisy)
+    floor_out = network_method(model, metadata, False, given_sigma=0.06, rician=True)(noisy)
+    np.testing.assert_allclose(floor_out, remove_rician_floor(plain, 0.06), atol=1e-6)
+    assert floor_out.mean() < plain.mean() - 0.001
+    rician_trained = network_method(model, metadata | {"noise_model": "rician"}, False, given_sigma=0.06, rician=True)
+    np.testing.assert_array_equal(rician_trained(noisy), plain)  # it learnt to remove the floor itself
+    networks = {"dncnn": (model, metadata, "dncnn.pt")}
+    assert BM3D_WITHOUT_FLOOR in all_methods(0.06, 0.5, 0.8, networks, False, rician=True)
+    assert BM3D_WITHOUT_FLOOR not in all_methods(0.06, 0.5, 0.8, networks, False, rician=False)
