@@ -116,7 +116,9 @@ def network_method(model, metadata, bfloat16, adapt=False, given_sigma=None, sel
 
 CLASSICAL_METHODS = ("noisy input", "Gaussian filter (width tuned on val)", "non-local means (h tuned on val)",
                      "BM3D (true sigma)")
+BM3D_ESTIMATED = "BM3D (estimated sigma)"  # told what the networks are told: the sigma estimated from the noisy slices
 BM3D_WITHOUT_FLOOR = "BM3D (true sigma), noise floor taken out"  # with Rician noise, as the networks get it
+BM3D_VARIANTS = (BM3D_ESTIMATED, BM3D_WITHOUT_FLOOR)
 
 
 def all_methods(sigma, width, strength, networks, bfloat16, rician):
@@ -124,7 +126,8 @@ def all_methods(sigma, width, strength, networks, bfloat16, rician):
     methods = {noisy: lambda n: n,
                gaussian: lambda n: gaussian_filter_slices(n, width),
                nlm: lambda n: nlm_slices(n, sigma, strength),
-               bm3d: lambda n: bm3d_slices(n, sigma)}
+               bm3d: lambda n: bm3d_slices(n, sigma),
+               BM3D_ESTIMATED: lambda n: bm3d_slices(n, estimate_noise_sigma(n))}
     if rician:
         methods[BM3D_WITHOUT_FLOOR] = lambda n: remove_rician_floor(bm3d_slices(n, sigma), sigma)
     def network(model, metadata, precision_bfloat16=bfloat16, **options):
@@ -147,19 +150,27 @@ def all_methods(sigma, width, strength, networks, bfloat16, rician):
 
 
 def score(methods, noisy, clean, masks):
-    """Metrics and seconds per slice of every method; also the denoised slices."""
-    rows, outputs = {}, {}
+    """Metrics and seconds per slice of every method, and each method's in-mask PSNR gain over BM3D (mean and
+    standard error of the per-slice differences: the same noisy slices, so the noise draws mostly cancel);
+    also the denoised slices."""
+    rows, outputs, psnr_per_slice = {}, {}, {}
     for name, method in methods.items():
         # a network's first call with each batch shape pays for memory and for building its kernels (about 50 ms
         # in bfloat16): it is warmed up on all the slices, BM3D and the other classical methods on 2
-        classical = name in (*CLASSICAL_METHODS, BM3D_WITHOUT_FLOOR)
+        classical = name in (*CLASSICAL_METHODS, *BM3D_VARIANTS)
         n_warm_up = 0 if "adaptation" in name else 2 if classical else len(noisy)
         denoised, seconds = run_timed(method, noisy, n_warm_up)
         per_slice = [image_metrics(c, d, m) for c, d, m in zip(clean, denoised, masks)]
         rows[name] = {**summarise_metrics(per_slice), "seconds_per_slice": seconds}
+        psnr_per_slice[name] = np.array([m["psnr_mask"] for m in per_slice])
         if hasattr(method, "adaptation"):
             rows[name]["adaptation"] = method.adaptation  # kept or not, and its two checks' gains
         outputs[name] = denoised
+    for name, row in rows.items():
+        gains = psnr_per_slice[name] - psnr_per_slice["BM3D (true sigma)"]
+        row["psnr_mask_gain_over_bm3d"] = {"mean": float(np.mean(gains)),
+                                           "standard_error": float(np.std(gains, ddof=1) / np.sqrt(len(gains)))
+                                           if len(gains) > 1 else float("nan")}
     return rows, outputs
 
 
@@ -224,8 +235,8 @@ def tsnr_table(tsnr_rows):
     lines = ["| method | " + " | ".join(f"{s} {'x'.join(map(str, tsnr_rows[s]['shape']))}" for s in scans) + " |",
              "| --- |" + " --- |" * len(scans)]
     for method_name in tsnr_rows[scans[0]]["median_tsnr"]:
-        if "given the true sigma" in method_name:  # every method gets the estimated sigma here: a repeated row
-            continue
+        if "given the true sigma" in method_name or method_name == BM3D_ESTIMATED:
+            continue  # every method gets the estimated sigma here: a repeated row
         cells = []
         for s in scans:
             value, before = tsnr_rows[s]["median_tsnr"][method_name], tsnr_rows[s]["median_tsnr"]["noisy input"]
@@ -264,13 +275,18 @@ def psnr_cell(row):
 def markdown_table(rows, sigma, model_noise, n_slices, tuned, bfloat16):
     bm3d_row = rows["BM3D (true sigma)"]
     lines = [f"{model_noise.capitalize()} noise, sigma {sigma}, {n_slices} {split} slices (mean +- std over slices; "
+             f"gain over BM3D: mean +- standard error of the per-slice differences; "
              f"PSNR with data range 1; Gaussian filter width {tuned['gaussian_width']} pixels, non-local means "
              f"h = {tuned['nlm_strength']} sigma; networks in {'bfloat16' if bfloat16 else 'float32'}):", "",
-             "| method | PSNR in mask (dB) | SSIM in mask | PSNR whole image (dB) | SSIM whole image | ms per slice | speed vs BM3D |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | PSNR in mask (dB) | gain over BM3D in mask (dB) | SSIM in mask | PSNR whole image (dB) "
+             "| SSIM whole image | ms per slice | speed vs BM3D |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in rows.items():
         speed = bm3d_row["seconds_per_slice"] / row["seconds_per_slice"] if name != "noisy input" else float("nan")
+        gain = row["psnr_mask_gain_over_bm3d"]
         lines.append(f"| {name} | {row['psnr_mask']['mean']:.2f} +- {row['psnr_mask']['std']:.2f} | "
+                     + ("-" if name == "BM3D (true sigma)" else f"{gain['mean']:+.3f} +- {gain['standard_error']:.3f}")
+                     + " | "
                      f"{row['ssim_mask']['mean']:.3f} +- {row['ssim_mask']['std']:.3f} | "
                      f"{row['psnr_image']['mean']:.2f} | {row['ssim_image']['mean']:.3f} | "
                      f"{1000 * row['seconds_per_slice']:.1f} | "
@@ -318,7 +334,7 @@ def plot_psnr_vs_sigma(sweep, title):
 def compared_methods(rows):
     """The methods the comparison figure shows: the classical ones, the original (seed) network, the first network
     of model_paths and the best-scoring one as a user can run it (with the sigma it estimates)."""
-    networks = [name for name in rows if name not in (*CLASSICAL_METHODS, BM3D_WITHOUT_FLOOR)]
+    networks = [name for name in rows if name not in (*CLASSICAL_METHODS, *BM3D_VARIANTS)]
     seed_networks = [name for name in networks if name.startswith("seed")]
     runnable = [name for name in networks if "given the true sigma" not in name]
     best = [max(runnable, key=lambda name: rows[name]["psnr_mask"]["mean"])] if runnable else []

@@ -30,6 +30,8 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     assert names[0] == "noisy input" and names[3] == "BM3D (true sigma)"
     assert names[1:3] == ["Gaussian filter (width tuned on val)", "non-local means (h tuned on val)"]
     assert results["tuned_on_val"]["0.1"]["nlm_strength"] == 0.8
+    bm3d_true, bm3d_estimated = (rows[f"BM3D ({s} sigma)"]["psnr_mask"]["mean"] for s in ("true", "estimated"))
+    assert bm3d_estimated != bm3d_true and abs(bm3d_estimated - bm3d_true) < 1  # told 0.08-0.12 for 0.1
     assert 0.08 < results["estimated_sigma"]["0.1"] < 0.12 and results["estimated_sigma"]["0.03"] < 0.05
     assert any(name.startswith("unet") and "adaptation" not in name for name in names)
     assert any(name.endswith("+ adaptation") for name in names)
@@ -37,6 +39,9 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     plain_name = next(name for name in names if name.startswith("unet") and " (" in name)
     plain_psnr = rows[plain_name]["psnr_mask"]["mean"]
     assert rows[plain_name.split(" (")[0] + " x8 self-ensemble"]["psnr_mask"]["mean"] != plain_psnr
+    gain = rows[plain_name]["psnr_mask_gain_over_bm3d"]  # paired per slice, so it is the difference of the means
+    assert gain["mean"] == pytest.approx(plain_psnr - rows["BM3D (true sigma)"]["psnr_mask"]["mean"])
+    assert gain["standard_error"] > 0 and rows["BM3D (true sigma)"]["psnr_mask_gain_over_bm3d"]["mean"] == 0
     assert results["precision"] == "bfloat16"
     float32_psnr = rows[plain_name.split(" (")[0] + " in float32"]["psnr_mask"]["mean"]
     assert float32_psnr == pytest.approx(plain_psnr, abs=0.05) and float32_psnr != plain_psnr
