@@ -18,7 +18,8 @@ from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_s
                     check_file_exists, check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise,
                     estimate_noise_sigma, foreground_mask, image_metrics, keep_freed_memory, load_checkpoint,
                     mean_psnr_in_mask, normalise, percentile_range, remove_rician_floor, run_main, save_figure,
-                    save_json, summarise_metrics, tsnr_map, unique_clean_slices, use_bfloat16, write_into_readme)
+                    save_json, summarise_metrics, tsnr_map, unique_clean_slices, usable_cores, use_bfloat16,
+                    write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -396,7 +397,7 @@ def load_networks():
 
 def main():
     apply_overrides(globals())
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())
     keep_freed_memory()
     if split not in ("test", "val"):
         raise InputError(f"split={split!r}; expected 'test' or 'val'")
