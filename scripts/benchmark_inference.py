@@ -40,7 +40,8 @@ memory_allowance_mb = 300.0       # the peak RSS may exceed the input and output
 adapt_shape = [128, 128, 10]      # the volume the adaptation is timed on
 adapt_steps = 300
 adapt_budget_seconds = 60.0       # for the whole command: load, adapt, denoise, write
-work_dir = ""                     # folder for the synthetic and denoised NIfTIs; "" = a temporary one, removed after
+work_dir = ""                     # keep the synthetic and denoised NIfTIs in a new folder inside this one;
+                                  # "" = a temporary folder, removed after
 results_path = "denoising_examples/benchmark_inference.json"
 update_readme = True              # write the table into README.md between the benchmark_inference markers
 # ---
@@ -184,8 +185,10 @@ def main():
                          "or more, and 1 or more steps")
     check_file_exists(model_path, "checkpoint (train one with scripts/train_autoencoder.py, or give --model)")
     load_before = os.getloadavg()[0]
-    folder = work_dir or tempfile.mkdtemp(prefix="benchmark_inference_")
-    os.makedirs(folder, exist_ok=True)
+    if work_dir:
+        os.makedirs(work_dir, exist_ok=True)
+    # a new folder even inside work_dir, kept there: the files of earlier runs and the user's are never replaced
+    folder = tempfile.mkdtemp(prefix="benchmark_inference_", dir=work_dir or None)
     input_path, output_path = os.path.join(folder, "series.nii.gz"), os.path.join(folder, "denoised.nii.gz")
     try:
         clean = phantom_volume(shape[:3])

@@ -162,6 +162,25 @@ def check_file_exists(path, what="file"):
         raise InputError(f"{path}: no such {what}")
 
 
+def usable_cores():
+    """The cores this process may run on: fewer than os.cpu_count() in a container or a batch job."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_output_path(path, expected="file"):
+    """Fail before any work when a file cannot be written at path: a folder by that name, or a parent that is a
+    file or not writable."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder; expected a {expected}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the missing folders are created when the file is written
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"{path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{path}: no permission to write in {parent}")
+
+
 def load_nifti(path):
     """Load a 3D or 4D NIfTI and check it. Returns (image, data) with data float32 (X, Y, Z[, T])."""
     path = str(path)
@@ -190,7 +209,8 @@ def load_nifti(path):
     try:
         data, n_not_finite = read_float32(image)
     except (EOFError, OSError, zlib.error, ValueError) as error:
-        raise InputError(f"{path} could not be read, the file may be truncated ({type(error).__name__}: {error})") from None
+        raise InputError(f"{path} could not be read, the file may be truncated ({type(error).__name__}: {error})"
+                         .splitlines()[0]) from None
     data = data.reshape(shape)
     if n_not_finite:
         raise InputError(f"{path} contains {n_not_finite} NaN or Inf values")
@@ -405,16 +425,29 @@ def load_npz(path, mapped=()):
     return arrays
 
 
+def load_dataset(path):
+    """The arrays of a make_dataset.py .npz and the settings that made them. The images (clean, noisy, mask:
+    (n, X, Y)) are memory-mapped: an image is read from disk when it is used."""
+    import zipfile
+    check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
+    try:
+        arrays = load_npz(path, mapped=("clean", "noisy", "mask"))
+        arrays = {k: arrays[k] for k in ("clean", "noisy", "mask", "split", "slice_index", "scan_index",
+                                         "time_index", "settings_json")} | {"partner_index": arrays.get("partner_index")}
+        dataset_settings = json.loads(str(arrays.pop("settings_json")))
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path} is not a dataset made by make_dataset.py ({error})".splitlines()[0]) from None
+    return arrays, dataset_settings
+
+
 def unique_clean_slices(path, split):
     """Distinct clean slices (n, H, W) and masks of one split (the .npz repeats them once per noise draw)."""
-    check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
-    with np.load(path, allow_pickle=False) as archive:
-        keys = np.stack([archive["scan_index"], archive["slice_index"], archive["time_index"]], axis=1)
-        chosen = archive["split"] == split
-        _, first = np.unique(keys[chosen], axis=0, return_index=True)
-        indices = np.flatnonzero(chosen)[np.sort(first)]
-        settings = json.loads(str(archive["settings_json"]))
-        return archive["clean"][indices], archive["mask"][indices], settings
+    arrays, settings = load_dataset(path)
+    keys = np.stack([arrays["scan_index"], arrays["slice_index"], arrays["time_index"]], axis=1)
+    chosen = arrays["split"] == split
+    _, first = np.unique(keys[chosen], axis=0, return_index=True)
+    indices = np.flatnonzero(chosen)[np.sort(first)]
+    return np.asarray(arrays["clean"][indices]), np.asarray(arrays["mask"][indices]), settings
 
 
 def _map_stored_npy(path, raw, header_offset):

@@ -7,8 +7,8 @@ import tempfile
 
 import numpy as np
 
-from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, estimate_noise_sigma, foreground_mask,
-                    load_nifti, normalise, package_versions, percentile_range, run_main, save_npz)
+from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, check_output_path, estimate_noise_sigma,
+                    foreground_mask, load_nifti, normalise, package_versions, percentile_range, run_main, save_npz)
 
 # --- settings: edit here, or override on the command line: --noise_sigma=0.09 --input_paths=a.nii.gz,b.nii.gz
 input_paths = [BUNDLED_SCAN]      # 3D or 4D NIfTI files; globs ("scans/*.nii.gz") are expanded
@@ -205,6 +205,7 @@ def main():
     paths = expand_paths(input_paths)
     if any(os.path.abspath(output_path) == os.path.abspath(p) for p in paths):
         raise InputError(f"{output_path}: the output would overwrite an input")
+    check_output_path(output_path, "file name ending in .npz")
     check_split_before_loading(paths)
     scans = [describe_scan(path, scan_index) for scan_index, path in enumerate(paths)]
     split_of = assign_splits(scans)

@@ -5,14 +5,12 @@ Single process:  python scripts/train_autoencoder.py --n_epochs=100
 Several:         torchrun --standalone --nproc_per_node=2 scripts/train_autoencoder.py   (see README.md)
 Ctrl-C saves a state to continue from: --resume=trained_models/NAME.resume.pt"""
 import copy
-import json
 import math
 import os
 import shlex
 import signal
 import sys
 import time
-import zipfile
 
 import numpy as np
 import torch
@@ -22,9 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from common import (InputError, add_noise, apply_overrides, atomic_write, check_file_exists, denoise_slices,
-                    keep_freed_memory, load_npz, native_bfloat16, neighbor2neighbor_loss, package_versions, pick_device,
-                    plot_denoising_grid, recorrupt, run_main, save_figure)
+from common import (InputError, add_noise, apply_overrides, atomic_write, check_file_exists, check_output_path,
+                    denoise_slices, keep_freed_memory, load_dataset, native_bfloat16, neighbor2neighbor_loss,
+                    package_versions, pick_device, plot_denoising_grid, recorrupt, run_main, save_figure, usable_cores)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
 
 # --- settings: edit here, or override on the command line: --n_epochs=100 --arch=unet
@@ -145,20 +143,6 @@ def training_rows(arrays):
     return np.flatnonzero(is_train & (arrays["partner_index"] >= 0))
 
 
-def load_dataset(path):
-    """The .npz arrays a run needs and the settings that made them. The images (clean, noisy, mask:
-    (n, X, Y)) are memory-mapped: an image is read from disk when a batch needs it."""
-    check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
-    try:
-        arrays = load_npz(path, mapped=("clean", "noisy", "mask"))
-        arrays = {k: arrays[k] for k in ("clean", "noisy", "mask", "split", "slice_index", "scan_index",
-                                         "settings_json")} | {"partner_index": arrays.get("partner_index")}
-        dataset_settings = json.loads(str(arrays.pop("settings_json")))
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path} is not a dataset made by make_dataset.py ({error})") from None
-    return arrays, dataset_settings
-
-
 def setup_distributed():
     """(rank, world_size, device) for a torchrun launch, or (0, 1, best device) for a plain one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -171,9 +155,8 @@ def setup_distributed():
         dist.init_process_group("nccl")
     else:
         device = torch.device("cpu")
-        # share out the cores this process may use (fewer than os.cpu_count() in a container or a batch job)
-        n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, n_cores // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+        # share out the cores this process may use
+        torch.set_num_threads(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
         dist.init_process_group("gloo")
     return dist.get_rank(), world_size, device
 
@@ -465,6 +448,11 @@ def main():
                         sampler=sampler, drop_last=True)
     name = run_name(n_train)
     resume_path = os.path.join(models_dir, name + ".resume.pt")
+    output_paths = {"model": os.path.join(models_dir, name + ".pt"), "resume": resume_path,
+                    "plot": os.path.join(plots_dir, f"MSE_vs_Epochs_{name}.png"),
+                    "examples": os.path.join(examples_dir, f"denoising_5x3_{name}.png")}
+    for path in output_paths.values():  # before training, not at its end
+        check_output_path(path)
     if rank == 0:
         print(f"{arch} ({count_parameters(model):,} parameters) on {device} x{world_size}, "
               f"{n_train} training and {len(val['rows'])} validation images, "
@@ -525,15 +513,14 @@ def main():
         "history": history, "world_size": world_size, "train_seconds_this_run": seconds,
         "versions": package_versions(),
     }
-    model_path = save_torch({"state_dict": model.state_dict(), "metadata": metadata},
-                            os.path.join(models_dir, name + ".pt"))
+    model_path = save_torch({"state_dict": model.state_dict(), "metadata": metadata}, output_paths["model"])
     title = f"{arch}{output_tag}, {n_epochs} epochs, {n_train} images"
-    plot_path = save_figure(plot_loss_curves(history, title), os.path.join(plots_dir, f"MSE_vs_Epochs_{name}.png"))
+    plot_path = save_figure(plot_loss_curves(history, title), output_paths["plot"])
     examples = val["rows"][np.linspace(0, len(val["rows"]) - 1, 5).astype(int)]
     noisy, clean, mask = (np.asarray(arrays[k][examples]) for k in ("noisy", "clean", "mask"))
     figure = plot_denoising_grid(noisy, denoise_slices(model.eval(), noisy, train_sigma), clean, mask,
                                  f"{title}: validation slices")
-    grid_path = save_figure(figure, os.path.join(examples_dir, f"denoising_5x3_{name}.png"))
+    grid_path = save_figure(figure, output_paths["examples"])
     print(f"trained in {seconds:.0f} s; final validation MSE {history['val_mse'][-1]:.3e}")
     print(f"model written to {model_path}\nloss plot written to {plot_path}\nexamples written to {grid_path}")
     if world_size > 1:

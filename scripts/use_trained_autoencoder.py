@@ -4,7 +4,6 @@ Evaluate it on the test split of data/mri_denoising.npz (figures and metrics in 
     python scripts/use_trained_autoencoder.py [--model=trained_models/....pt]
 Denoise your own 3D or 4D NIfTI, slice by slice, back into its own intensity units:
     python scripts/use_trained_autoencoder.py --input scan.nii.gz --output scan_denoised.nii.gz [--report]"""
-import json
 import math
 import os
 import time
@@ -16,10 +15,10 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists,
-                    check_self_ensemble, denoise_adapted, denoise_slices, estimate_noise_sigma, foreground_mask,
-                    image_metrics, keep_freed_memory, load_checkpoint, load_nifti, normalise, percentile_range,
-                    plot_denoising_grid, remove_rician_floor, run_main, save_figure, save_json, summarise_metrics,
-                    tsnr_map, use_bfloat16)
+                    check_output_path, check_self_ensemble, denoise_adapted, denoise_slices, estimate_noise_sigma,
+                    foreground_mask, image_metrics, keep_freed_memory, load_checkpoint, load_dataset, load_nifti,
+                    normalise, percentile_range, plot_denoising_grid, remove_rician_floor, run_main, save_figure,
+                    save_json, summarise_metrics, tsnr_map, use_bfloat16, usable_cores)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = "trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt"
@@ -59,11 +58,9 @@ SMALL_SLICE = 32         # pixels: in slices narrower than this the noise estima
 
 def load_test_split(path):
     """The test split's clean, noisy and mask slices, and the dataset's settings."""
-    check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
-    with np.load(path, allow_pickle=False) as archive:
-        test = archive["split"] == "test"
-        return ({k: archive[k][test] for k in ("clean", "noisy", "mask")},
-                json.loads(str(archive["settings_json"])))
+    arrays, dataset_settings = load_dataset(path)
+    test = arrays["split"] == "test"
+    return {k: np.asarray(arrays[k][test]) for k in ("clean", "noisy", "mask")}, dataset_settings
 
 
 def keeps_rician_floor(metadata):
@@ -111,7 +108,7 @@ def check_paths():
     if not output_path.endswith((".nii", ".nii.gz")):
         raise InputError(f"{output_path}: the output name must end in .nii or .nii.gz")
     check_file_exists(input_path)
-    check_output_folder(output_path)
+    check_output_path(output_path, "file name ending in .nii or .nii.gz")
     if os.path.abspath(output_path) == os.path.abspath(input_path) or (
             os.path.exists(output_path) and os.path.samefile(output_path, input_path)):
         raise InputError(f"{output_path} is the input file; it is never overwritten")
@@ -133,20 +130,6 @@ def check_paths():
         raise InputError(f"batch_size={batch_size}; expected 1 or more")
     if report and os.path.exists(report_path()) and not overwrite:
         raise InputError(f"{report_path()} exists; choose another output name or pass --overwrite")
-
-
-def check_output_folder(path):
-    """Fail before any work when the output cannot be written: a folder by that name, or a parent that is a
-    file or not writable."""
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a folder; expected a file name ending in .nii or .nii.gz")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):  # make_dirs creates the missing folders when the file is written
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise InputError(f"{path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{path}: no permission to write in {parent}")
 
 
 def report_path():
@@ -360,6 +343,16 @@ def denoise_nifti(model, metadata, bfloat16):
         print(f"report written to {report_path()}")
 
 
+def check_settings_need_input():
+    """Settings for denoising a file are refused without --input, rather than ignored by the evaluation mode."""
+    file_settings = {"output": output_path, "report": report, "adapt_steps": adapt_steps, "axis": axis != 2,
+                     "dtype": dtype != "float32", "noise_sigma": noise_sigma, "overwrite": overwrite}
+    given = [name for name, value in file_settings.items() if value]
+    if given and not input_path:
+        raise InputError(f"--{', --'.join(given)} need --input=SCAN.nii.gz; without --input the script scores "
+                         "the network on the test split of --dataset_path")
+
+
 def repo_checkpoint(path):
     """The checkpoint as given or, for a relative path that is not there, the repo's own copy: the default
     model works from any folder."""
@@ -371,8 +364,9 @@ def main():
     global model_path
     apply_overrides(globals(), aliases={"model": "model_path", "input": "input_path", "output": "output_path"})
     model_path = repo_checkpoint(model_path)
+    check_settings_need_input()
     if "OMP_NUM_THREADS" not in os.environ:  # a limit the user set wins
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cores())
     keep_freed_memory()
     model, metadata = load_checkpoint(model_path)
     if self_ensemble:

@@ -15,9 +15,15 @@ def test_a_tiny_inference_benchmark_measures_time_memory_and_adaptation(tmp_path
     results_path = tmp_path / "inference.json"
     readme = "<!-- benchmark_inference:start -->\nold table\n<!-- benchmark_inference:end -->\n"
     (tmp_path / "README.md").write_text(readme)
+    work_dir = tmp_path / "kept"
+    work_dir.mkdir()
+    (work_dir / "series.nii.gz").write_text("the user's own file")
     result = run_script("benchmark_inference", f"--model={model}", "--shape=24,20,3,4", "--adapt_shape=24,24,3",
                         "--adapt_steps=2", "--n_bm3d_slices=2", f"--results_path={results_path}",
-                        "--update_readme=false", "--precision=float32", cwd=tmp_path)
+                        "--update_readme=false", "--precision=float32", f"--work_dir={work_dir}", cwd=tmp_path)
+    assert (work_dir / "series.nii.gz").read_text() == "the user's own file"  # the run's files go in a new folder
+    (kept,) = work_dir.glob("benchmark_inference_*")
+    assert (kept / "series.nii.gz").stat().st_size > 0 and (kept / "denoised.nii.gz").stat().st_size > 0
     results = json.loads(results_path.read_text())
     assert results["n_slices"] == 12
     assert results["precision"] == "float32" and "(convolutions in float32)" in result.stdout  # passed to the tool

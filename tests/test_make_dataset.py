@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from common import add_noise
-from conftest import phantom_volume, run_script, write_nifti
+from conftest import assert_one_line_error, phantom_volume, run_script, write_nifti
 
 
 def make_dataset(tmp_path, scan, name="dataset.npz", *overrides):
@@ -69,6 +69,13 @@ def test_slice_range_outside_the_scan_is_an_error(tmp_path, tiny_scan):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: slice_range=[5, 40] does not fit")
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_work(tmp_path, tiny_scan):
+    (tmp_path / "x.npz").mkdir()
+    result = run_script("make_dataset", f"--input_paths={tiny_scan}", f"--output={tmp_path / 'x.npz'}", check=False)
+    assert_one_line_error(result, "x.npz is a folder; expected a file name ending in .npz")
+    assert not list((tmp_path / "x.npz").iterdir())
 
 
 def test_a_3d_input_works(tmp_path):

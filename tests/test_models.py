@@ -95,10 +95,12 @@ def test_the_scripts_default_networks_are_shipped_and_load():
 
     import benchmark_denoisers
     import benchmark_inference
+    import benchmark_noisy_reference
     import use_trained_autoencoder
     from common import load_checkpoint
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = {use_trained_autoencoder.model_path, benchmark_inference.model_path, *benchmark_denoisers.model_paths}
+    paths = {use_trained_autoencoder.model_path, benchmark_inference.model_path, *benchmark_denoisers.model_paths,
+             *benchmark_noisy_reference.model_paths}
     for path in paths:
         model, metadata = load_checkpoint(os.path.join(root, path))
         assert metadata["n_parameters"] == sum(p.numel() for p in model.parameters())

@@ -105,6 +105,13 @@ def test_bad_settings_are_caught_before_training(tmp_path, tiny_dataset, overrid
     assert not (tmp_path / "models").exists()
 
 
+def test_an_output_folder_that_is_a_file_is_refused_before_training(tmp_path, tiny_dataset):
+    (tmp_path / "models").write_text("a file")
+    result = train(tmp_path, tiny_dataset, "--n_epochs=1", check=False)
+    assert_one_line_error(result, "models is a file, not a folder")
+    assert "parameters" not in result.stdout and (tmp_path / "models").read_text() == "a file"
+
+
 def test_zoom_and_contrast_augmentation_train_on_equal_patches(tmp_path, tiny_dataset):
     """Zoom factors that would shrink a slice below the patch size are raised to fit the patch."""
     train(tmp_path, tiny_dataset, "--n_epochs=1", "--arch=dncnn", '--arch_args={"depth": 3, "width": 8}',

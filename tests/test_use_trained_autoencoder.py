@@ -74,6 +74,38 @@ def test_an_unknown_precision_is_one_clear_error(trained, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("overrides, fragment", [
+    (["--output=out.nii.gz"], "--output need --input"),
+    (["--adapt_steps=5", "--report"], "--report, --adapt_steps need --input"),
+])
+def test_file_settings_without_an_input_are_refused_not_ignored(trained, tmp_path, overrides, fragment):
+    model, dataset = trained
+    result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
+                        f"--examples_dir={tmp_path}", *overrides, check=False, cwd=tmp_path)
+    assert_one_line_error(result, fragment)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content", [b"not a zip", b""])
+def test_a_dataset_that_make_dataset_did_not_write_is_one_clear_error(trained, tmp_path, content):
+    model, _ = trained
+    dataset = tmp_path / "other.npz"
+    dataset.write_bytes(content)
+    result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
+                        f"--examples_dir={tmp_path / 'out'}", check=False)
+    assert_one_line_error(result, str(dataset), "is not a dataset made by make_dataset.py")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_without_the_expected_arrays_is_one_clear_error(trained, tmp_path):
+    model, _ = trained
+    dataset = tmp_path / "other.npz"
+    np.savez(dataset, clean=np.zeros((2, 4, 4), np.float32))
+    result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
+                        f"--examples_dir={tmp_path / 'out'}", check=False)
+    assert_one_line_error(result, str(dataset), "is not a dataset made by make_dataset.py")
+
+
 # --- denoising a NIfTI ---------------------------------------------------------------------------
 
 def header_fields(image):
@@ -268,6 +300,10 @@ def write_bad_input(kind, folder):
         write_nifti(path, noisy_phantom((40, 36, 12, 3))[1])
         whole = path.read_bytes()
         path.write_bytes(whole[:len(whole) // 2])
+    elif kind == "truncated_nii":  # uncompressed: read another way than a .gz
+        path = folder / "truncated_nii.nii"
+        write_nifti(path, noisy_phantom((40, 36, 12, 3))[1])
+        path.write_bytes(path.read_bytes()[:20_000])
     elif kind == "pair":
         path = folder / "pair.hdr"
         nib.save(nib.Nifti1Pair(volume, np.eye(4)), str(path))
@@ -288,6 +324,7 @@ def write_bad_input(kind, folder):
     ("complex", "holds complex voxels"),
     ("rgb", "holds RGB voxels"),
     ("truncated", "truncated"),
+    ("truncated_nii", "truncated"),
     ("pair", "is a NIfTI .hdr/.img pair; give a single .nii or .nii.gz"),
     ("par", "is a PARRECImage, not a NIfTI file"),
 ])
