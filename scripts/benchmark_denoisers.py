@@ -14,9 +14,9 @@ import torch
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
-from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_slices,
-                    check_file_exists, check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise,
-                    estimate_noise_sigma, foreground_mask, image_metrics, keep_freed_memory, load_checkpoint,
+from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
+                    check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise, estimate_noise_sigma,
+                    foreground_mask, image_metrics, keep_freed_memory, keeps_rician_floor, load_checkpoint,
                     mean_psnr_in_mask, normalise, percentile_range, remove_rician_floor, run_main, save_figure,
                     save_json, summarise_metrics, tsnr_map, unique_clean_slices, usable_cores, use_bfloat16,
                     write_into_readme)
@@ -102,7 +102,7 @@ def network_method(model, metadata, bfloat16, adapt=False, given_sigma=None, sel
     denoises their object while the trained network denoises the background. With rician (Rician noise), the
     noise floor is taken out of the output of a network trained on Gaussian noise, as use_trained_autoencoder.py
     does for a magnitude image."""
-    remove_floor = rician and metadata["noise_model"] != "rician"
+    remove_floor = rician and keeps_rician_floor(metadata)
     def denoise(noisy):
         sigma = given_sigma or (estimate_noise_sigma(noisy) if metadata["noise_map"] or adapt or remove_floor else 0.0)
         if not adapt:

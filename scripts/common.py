@@ -315,6 +315,12 @@ def add_noise(clean, sigma, noise_model, normal_draws):
     raise InputError(f"noise_model={noise_model!r}; expected 'gaussian' or 'rician'")
 
 
+def keeps_rician_floor(metadata):
+    """Whether a network's output on a magnitude image holds the Rician noise floor: it was not trained on
+    Rician noise, so it removes noise as if it averaged to zero."""
+    return metadata["noise_model"] != "rician"
+
+
 def remove_rician_floor(denoised, noise_sigma):
     """A magnitude image's Rician noise lifts its mean above the signal A, to about sqrt(A^2 + sigma^2) where A
     is a few sigma or more (its second moment is exactly A^2 + 2 sigma^2; Gudbjartsson & Patz 1995). BM3D and a

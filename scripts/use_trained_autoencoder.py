@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists,
                     check_output_path, check_self_ensemble, denoise_adapted, denoise_slices, estimate_noise_sigma,
-                    foreground_mask, image_metrics, keep_freed_memory, load_checkpoint, load_dataset, load_nifti,
-                    normalise, percentile_range, plot_denoising_grid, remove_rician_floor, run_main, save_figure,
-                    save_json, summarise_metrics, tsnr_map, use_bfloat16, usable_cores)
+                    foreground_mask, image_metrics, keep_freed_memory, keeps_rician_floor, load_checkpoint,
+                    load_dataset, load_nifti, normalise, percentile_range, plot_denoising_grid, remove_rician_floor,
+                    run_main, save_figure, save_json, summarise_metrics, tsnr_map, use_bfloat16, usable_cores)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = "trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt"
@@ -63,9 +63,9 @@ def load_test_split(path):
     return {k: np.asarray(arrays[k][test]) for k in ("clean", "noisy", "mask")}, dataset_settings
 
 
-def keeps_rician_floor(metadata):
-    """Whether this network's output on a magnitude image still holds the Rician noise floor to remove."""
-    return rician_floor and metadata["noise_model"] != "rician"
+def removes_rician_floor(metadata):
+    """Whether the Rician noise floor is taken out of this network's output on a magnitude image."""
+    return rician_floor and keeps_rician_floor(metadata)
 
 
 def evaluate_on_test_split(model, metadata, bfloat16):
@@ -74,7 +74,7 @@ def evaluate_on_test_split(model, metadata, bfloat16):
     started = time.perf_counter()
     denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size, self_ensemble=self_ensemble,
                               bfloat16=bfloat16)
-    floor_removed = dataset_settings["noise_model"] == "rician" and keeps_rician_floor(metadata)
+    floor_removed = dataset_settings["noise_model"] == "rician" and removes_rician_floor(metadata)
     if floor_removed:
         denoised = remove_rician_floor(denoised, dataset_sigma)
     seconds_per_slice = (time.perf_counter() - started) / len(denoised)
@@ -317,7 +317,7 @@ def denoise_nifti(model, metadata, bfloat16):
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
           f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale "
           f"({'a magnitude image: no negative values' if magnitude else 'negative values: no magnitude correction'}"
-          + ("; the Rician noise floor will be taken out)" if magnitude and keeps_rician_floor(metadata) else ")")
+          + ("; the Rician noise floor will be taken out)" if magnitude and removes_rician_floor(metadata) else ")")
           + (f", using {sigma:.4f} as given" if noise_sigma else ""))
     if not noise_sigma and min(view.shape[:2]) < SMALL_SLICE:
         print(f"note: slices of {view.shape[0]}x{view.shape[1]} are small, and the noise estimate reads part of "
@@ -330,7 +330,7 @@ def denoise_nifti(model, metadata, bfloat16):
               "expect under- or over-smoothing")
     adapted, object_threshold = adapt_model(model, view, low, high, sigma) if adapt_steps > 0 else (model, None)
     masked_zeros = magnitude and np.mean(masked_background(spread_slices(view, 24))) >= MASKED_FRACTION
-    floor_sigma = sigma * (high - low) if magnitude and keeps_rician_floor(metadata) else 0.0
+    floor_sigma = sigma * (high - low) if magnitude and removes_rician_floor(metadata) else 0.0
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16,
                           magnitude, masked_zeros, floor_sigma)
