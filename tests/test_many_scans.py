@@ -10,7 +10,7 @@ import torch
 
 import make_dataset
 import train_autoencoder
-from common import load_npz, save_npz
+from common import load_dataset, load_npz, save_npz
 from conftest import phantom_volume, run_in_process, write_nifti
 
 
@@ -99,9 +99,10 @@ def test_images_are_memory_mapped_not_read(tmp_path):
                                            "split": np.array(["train", "val", "test"] * 100),
                                            "scan_index": np.zeros(n_images, dtype=int),
                                            "slice_index": np.arange(n_images),
+                                           "time_index": np.zeros(n_images, dtype=int),
                                            "settings_json": np.array("{}")})
     tracemalloc.start()
-    arrays, _ = train_autoencoder.load_dataset(path)
+    arrays, _ = load_dataset(path)
     image = np.array(arrays["noisy"][123])
     peak_bytes = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
