@@ -17,7 +17,7 @@ from skimage.restoration import denoise_nl_means
 from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
                     check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise, estimate_noise_sigma,
                     foreground_mask, image_metrics, keep_freed_memory, keeps_rician_floor, load_checkpoint,
-                    mean_psnr_in_mask, normalise, percentile_range, remove_rician_floor, run_main, save_figure,
+                    mean_psnr_in_mask, network_name, normalise, percentile_range, remove_rician_floor, run_main, save_figure,
                     save_json, summarise_metrics, tsnr_map, unique_clean_slices, usable_cores, use_bfloat16,
                     write_into_readme)
 
@@ -115,8 +115,9 @@ def network_method(model, metadata, bfloat16, adapt=False, given_sigma=None, sel
     return denoise
 
 
+BM3D_TRUE = "BM3D (true sigma)"  # the reference of every "gain over BM3D"
 CLASSICAL_METHODS = ("noisy input", "Gaussian filter (width tuned on val)", "non-local means (h tuned on val)",
-                     "BM3D (true sigma)")
+                     BM3D_TRUE)
 BM3D_ESTIMATED = "BM3D (estimated sigma)"  # told what the networks are told: the sigma estimated from the noisy slices
 BM3D_WITHOUT_FLOOR = "BM3D (true sigma), noise floor taken out"  # with Rician noise, as the networks get it
 BM3D_VARIANTS = (BM3D_ESTIMATED, BM3D_WITHOUT_FLOOR)
@@ -168,7 +169,7 @@ def score(methods, noisy, clean, masks):
             rows[name]["adaptation"] = method.adaptation  # kept or not, and its two checks' gains
         outputs[name] = denoised
     for name, row in rows.items():
-        gains = psnr_per_slice[name] - psnr_per_slice["BM3D (true sigma)"]
+        gains = psnr_per_slice[name] - psnr_per_slice[BM3D_TRUE]
         row["psnr_mask_gain_over_bm3d"] = {"mean": float(np.mean(gains)),
                                            "standard_error": float(np.std(gains, ddof=1) / np.sqrt(len(gains)))
                                            if len(gains) > 1 else float("nan")}
@@ -274,7 +275,7 @@ def psnr_cell(row):
 
 
 def markdown_table(rows, sigma, model_noise, n_slices, tuned, bfloat16):
-    bm3d_row = rows["BM3D (true sigma)"]
+    bm3d_row = rows[BM3D_TRUE]
     lines = [f"{model_noise.capitalize()} noise, sigma {sigma}, {n_slices} {split} slices (mean +- std over slices; "
              f"gain over BM3D: mean +- standard error of the per-slice differences; "
              f"PSNR with data range 1; Gaussian filter width {tuned['gaussian_width']} pixels, non-local means "
@@ -286,7 +287,7 @@ def markdown_table(rows, sigma, model_noise, n_slices, tuned, bfloat16):
         speed = bm3d_row["seconds_per_slice"] / row["seconds_per_slice"] if name != "noisy input" else float("nan")
         gain = row["psnr_mask_gain_over_bm3d"]
         lines.append(f"| {name} | {row['psnr_mask']['mean']:.2f} +- {row['psnr_mask']['std']:.2f} | "
-                     + ("-" if name == "BM3D (true sigma)" else f"{gain['mean']:+.3f} +- {gain['standard_error']:.3f}")
+                     + ("-" if name == BM3D_TRUE else f"{gain['mean']:+.3f} +- {gain['standard_error']:.3f}")
                      + " | "
                      f"{row['ssim_mask']['mean']:.3f} +- {row['ssim_mask']['std']:.3f} | "
                      f"{row['psnr_image']['mean']:.2f} | {row['ssim_image']['mean']:.3f} | "
@@ -311,7 +312,7 @@ def plot_psnr_vs_sigma(sweep, title):
     import matplotlib.pyplot as plt
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     levels = list(sweep)
-    bm3d = np.array([sweep[s]["BM3D (true sigma)"]["psnr_mask"]["mean"] for s in levels])
+    bm3d = np.array([sweep[s][BM3D_TRUE]["psnr_mask"]["mean"] for s in levels])
     names = list(next(iter(sweep.values())))
     colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     for number, name in enumerate(names):
@@ -379,8 +380,7 @@ def load_networks():
     networks = {}
     for path in model_paths:
         model, metadata = load_checkpoint(path)
-        name = os.path.splitext(os.path.basename(path))[0].removeprefix("autoencoder_")
-        networks[f"{name} ({metadata['n_parameters']:,} parameters)"] = (model, metadata, path)
+        networks[f"{network_name(path)} ({metadata['n_parameters']:,} parameters)"] = (model, metadata, path)
     for setting, paths in (("adapt_model_paths", adapt_model_paths), ("true_sigma_model_paths", true_sigma_model_paths),
                            ("self_ensemble_model_paths", self_ensemble_model_paths),
                            ("float32_model_paths", float32_model_paths)):

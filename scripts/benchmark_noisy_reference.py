@@ -10,14 +10,12 @@ benchmark_denoisers.py) and the total sigma; networks get the sigma estimated fr
 Writes denoising_examples/benchmark_noisy_reference.json and the table into README.md.
 
     python scripts/benchmark_noisy_reference.py [--model_paths=a.pt,b.pt] [--reference_sigma=0.045]"""
-import os
-
 import numpy as np
 
 from common import (add_noise, apply_overrides, bm3d_slices, denoise_slices, denoise_with_adaptation,
                     estimate_noise_sigma, keep_freed_memory, load_checkpoint, mean_psnr_in_mask, native_bfloat16,
-                    package_versions, pick_device, run_main, save_json, unique_clean_slices, use_bfloat16,
-                    write_into_readme)
+                    network_name, package_versions, pick_device, run_main, save_json, unique_clean_slices,
+                    use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --reference_sigma=0.03
 dataset_path = "data/mri_denoising.npz"
@@ -38,7 +36,7 @@ update_readme = True              # write the table into README.md between the b
 def network_outputs(path, noisy, bfloat16):
     """{row name: denoised slices} of one network, without and with adaptation, and what the adaptation did."""
     model, _ = load_checkpoint(path)
-    name = os.path.basename(path).removeprefix("autoencoder_").removesuffix(".pt")
+    name = network_name(path)
     sigma = estimate_noise_sigma(noisy)
     adapted_output, adaptation = denoise_with_adaptation(model, noisy, sigma, adapt_steps, adapt_seconds,
                                                          bfloat16=bfloat16)

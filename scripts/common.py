@@ -511,6 +511,11 @@ def load_checkpoint(path):
     return model.to(memory_format=torch.channels_last).eval(), metadata
 
 
+def network_name(path):
+    """How tables name a checkpoint: its file name without folder, extension and "autoencoder_"."""
+    return os.path.splitext(os.path.basename(str(path)))[0].removeprefix("autoencoder_")
+
+
 # a batch holds at most this many pixels (16 slices of 128x96), so the activations of a 32-channel layer stay
 # below glibc's 32 MB mmap threshold even in float32 and are reused between batches (keep_freed_memory):
 # 256x256 slices ran 1.9x faster in batches of 4 than of 16 (ad hoc timing)

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common import InputError, apply_overrides, load_nifti, read_float32
+from common import InputError, apply_overrides, load_nifti, network_name, read_float32
 
 
 def script_settings():
@@ -298,3 +298,10 @@ def test_keep_freed_memory_does_nothing_outside_linux(monkeypatch):
     import common
     monkeypatch.setattr(sys, "platform", "darwin")
     assert common.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("path, name", [("trained_models/autoencoder_dncnn_blind_200epochs_672images.pt",
+                                         "dncnn_blind_200epochs_672images"),
+                                        ("/elsewhere/my_net.pth", "my_net")])
+def test_both_benchmarks_name_a_checkpoint_by_its_file(path, name):
+    assert network_name(path) == name
