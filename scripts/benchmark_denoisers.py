@@ -237,8 +237,6 @@ def tsnr_table(tsnr_rows):
     lines = ["| method | " + " | ".join(f"{s} {'x'.join(map(str, tsnr_rows[s]['shape']))}" for s in scans) + " |",
              "| --- |" + " --- |" * len(scans)]
     for method_name in tsnr_rows[scans[0]]["median_tsnr"]:
-        if "given the true sigma" in method_name or method_name == BM3D_ESTIMATED:
-            continue  # every method gets the estimated sigma here: a repeated row
         cells = []
         for s in scans:
             value, before = tsnr_rows[s]["median_tsnr"][method_name], tsnr_rows[s]["median_tsnr"]["noisy input"]
@@ -447,8 +445,10 @@ def main():
                               rician=False)  # use_trained_autoencoder.py would take out the Rician floor of a
                                              # real magnitude series; not here: these slices are on their
                                              # percentile scale, whose 0 is not zero signal
+        # every method gets the estimated sigma here, so these would repeat other rows
+        repeats = [n for n in methods if n == BM3D_ESTIMATED or "given the true sigma" in n]
         medians = {method_name: median_tsnr(method(slices), shape, head, intensity_range)
-                   for method_name, method in methods.items()}
+                   for method_name, method in methods.items() if method_name not in repeats}
         tsnr_rows[name] = {"median_tsnr": medians, "shape": list(shape), "estimated_sigma": estimated}
         print(f"{name} tSNR: " + ", ".join(f"{k.split(' (')[0]} {v:.1f}" for k, v in medians.items()), flush=True)
     tag = f"{results_name}_{model_noise}" + ("_val" if split == "val" else "")
