@@ -191,8 +191,9 @@ def scan_path(name):
     return path
 
 
-def ood_clean_slices(name, bundled_test):
-    """Clean slices and head masks of one out-of-domain test set (see ood_scans)."""
+def ood_clean_slices(name, bundled_test, min_foreground_fraction):
+    """Clean slices and head masks of one out-of-domain test set (see ood_scans); of a scan, the slices whose
+    head covers min_foreground_fraction of them, as make_dataset.py keeps the bundled scan's."""
     if name.startswith("test_split:"):
         change = name.split(":", 1)[1]
         if change == "gamma":
@@ -206,7 +207,7 @@ def ood_clean_slices(name, bundled_test):
     volumes = volumes if volumes.ndim == 4 else volumes[..., None]  # every volume, as the tool denoises them
     volumes = normalise(volumes, *percentile_range(volumes))
     head = foreground_mask(volumes.mean(axis=3))
-    keep = [z for z in range(head.shape[2]) if head[:, :, z].mean() >= 0.15]
+    keep = [z for z in range(head.shape[2]) if head[:, :, z].mean() >= min_foreground_fraction]
     slices = np.moveaxis(volumes[:, :, keep, :], (3, 2), (0, 1)).reshape(-1, *head.shape[:2])  # (t * z, X, Y)
     masks = np.tile(np.moveaxis(head[:, :, keep], 2, 0), (volumes.shape[3], 1, 1))
     return slices, masks
@@ -429,7 +430,7 @@ def main():
             continue
         main_outputs = (rows, outputs, (noisy, clean, masks))
         for name in ood_scans:
-            ood_clean, ood_masks = ood_clean_slices(name, test)
+            ood_clean, ood_masks = ood_clean_slices(name, test, dataset_settings["min_foreground_fraction"])
             reference_sigmas[name] = estimate_noise_sigma(ood_clean)  # noise the "clean" reference has itself
             ood_noisy, ood_clean = noisy_versions(ood_clean, sigma, model_noise, rng, 1)
             estimated_sigmas[name] = estimate_noise_sigma(ood_noisy)
