@@ -216,8 +216,8 @@ def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low,
     `model`) denoises the object, above object_threshold. Voxels far outside the scan's range (spikes, see
     outlier_voxels) go through unchanged and the network sees their neighbourhood's median instead, so that
     one does not spread into its neighbours. A magnitude image's output stays >= 0, loses the Rician noise
-    floor of sigma floor_sigma (in intensity units; 0: none), and with masked_zeros its masked_background
-    stays 0."""
+    floor of sigma floor_sigma (on the [0, 1] scale of low-high; 0: none), and with masked_zeros its
+    masked_background stays 0."""
     n_slices, n_volumes = view.shape[2:]
     total = n_slices * n_volumes
     with tqdm(total=total, desc="denoising", unit="slice") as progress:
@@ -227,9 +227,13 @@ def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low,
             scaled = normalise(batch, low, high, clip=False)
             denoised = denoise_adapted(model, adapted, without_outliers(scaled), sigma, object_threshold,
                                        batch_size, self_ensemble, bfloat16)
-            denoised = np.where(outlier_voxels(scaled), scaled, denoised) * (high - low) + low
-            if magnitude:
-                denoised = remove_rician_floor(np.maximum(denoised, 0), floor_sigma)
+            denoised = np.where(outlier_voxels(scaled), scaled, denoised)
+            if magnitude:  # counted from the scan's 0 in units of high - low, not in the scan's own units, whose
+                           # squares over- or underflow float32 when they are very large or small
+                denoised = np.maximum(denoised + low / (high - low), 0)
+                denoised = (remove_rician_floor(denoised, floor_sigma) if floor_sigma else denoised) * (high - low)
+            else:
+                denoised = denoised * (high - low) + low
             if masked_zeros:
                 denoised[masked_background(batch)] = 0
             for k, image in zip(ks, denoised):
@@ -319,18 +323,21 @@ def denoise_nifti(model, metadata, bfloat16):
           f"({'a magnitude image: no negative values' if magnitude else 'negative values: no magnitude correction'}"
           + ("; the Rician noise floor will be taken out)" if magnitude and removes_rician_floor(metadata) else ")")
           + (f", using {sigma:.4f} as given" if noise_sigma else ""))
-    if not noise_sigma and min(view.shape[:2]) < SMALL_SLICE:
+    if not noise_sigma and estimated == 0:
+        print(f"warning: no noise could be measured in {input_path} (the slices sampled are empty, constant or "
+              "too thin); it is denoised as for sigma 0: give --noise_sigma if you know it")
+    elif not noise_sigma and min(view.shape[:2]) < SMALL_SLICE:
         print(f"note: slices of {view.shape[0]}x{view.shape[1]} are small, and the noise estimate reads part of "
               "their anatomy as noise (17x21 slices: up to 20% high in the benchmark); give --noise_sigma if you "
               "know it")
     sigma_low, sigma_high = trained_sigma_range(metadata)
-    if not sigma_low <= sigma <= sigma_high:
+    if sigma and not sigma_low <= sigma <= sigma_high:  # sigma 0 was warned about above
         print(f"warning: noise sigma {sigma:.4f} lies outside what {os.path.basename(model_path)} was trained for "
               f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
               "expect under- or over-smoothing")
     adapted, object_threshold = adapt_model(model, view, low, high, sigma) if adapt_steps > 0 else (model, None)
     masked_zeros = magnitude and np.mean(masked_background(spread_slices(view, 24))) >= MASKED_FRACTION
-    floor_sigma = sigma * (high - low) if magnitude and removes_rician_floor(metadata) else 0.0
+    floor_sigma = sigma if magnitude and removes_rician_floor(metadata) else 0.0
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16,
                           magnitude, masked_zeros, floor_sigma)

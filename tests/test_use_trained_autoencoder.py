@@ -438,6 +438,41 @@ def test_the_rician_noise_floor_is_taken_out_of_a_magnitude_image(tmp_path):
     assert np.mean(np.abs(out - clean)[head]) <= np.mean(np.abs(kept - clean)[head])
 
 
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_a_magnitude_image_of_huge_or_tiny_intensities_is_denoised_as_at_an_ordinary_scale(trained, tmp_path, scale):
+    """The Rician floor is taken out on the scan's [0, 1] scale: in the scan's own units the squares of such
+    values over- or underflow float32 (NaN or all-zero output before)."""
+    model, _ = trained
+    _, noisy = noisy_phantom((40, 36, 6))
+    magnitude = np.abs(noisy)
+    write_nifti(tmp_path / "ordinary.nii.gz", magnitude)
+    write_nifti(tmp_path / "scaled.nii.gz", (magnitude * scale).astype(np.float32))
+    for name in ("ordinary", "scaled"):
+        denoise(model, tmp_path / f"{name}.nii.gz", tmp_path / f"{name}_out.nii.gz")
+    ordinary, scaled = (nib.load(tmp_path / f"{name}_out.nii.gz").get_fdata() for name in ("ordinary", "scaled"))
+    assert np.all(np.isfinite(scaled))
+    np.testing.assert_allclose(scaled / scale, ordinary, rtol=1e-3, atol=1e-4 * ordinary.max())
+
+
+def test_empty_slices_around_a_scan_do_not_pull_its_noise_estimate_to_zero(trained, tmp_path):
+    """A skull-stripped scan padded with empty slices: those show no noise and are left out of the median;
+    an image with no noise anywhere is denoised as for sigma 0, with a warning that says so."""
+    import re
+    model, _ = trained
+    _, noisy = noisy_phantom((40, 36, 6))
+    magnitude = np.abs(noisy)
+    padded = np.concatenate([np.zeros((40, 36, 5)), magnitude, np.zeros((40, 36, 7))], axis=2).astype(np.float32)
+    estimates = []
+    for name, volume in (("scan", magnitude), ("padded", padded)):
+        result = denoise(model, write_nifti(tmp_path / f"{name}.nii.gz", volume), tmp_path / f"{name}_out.nii.gz")
+        estimates.append(float(re.search(r"estimated noise sigma ([0-9.]+)", result.stdout).group(1)))
+        assert "no noise could be measured" not in result.stdout
+    assert estimates[1] == pytest.approx(estimates[0], rel=0.1) and estimates[0] > 0.03
+    flat = np.full((40, 36, 6), 5.0, dtype=np.float32)
+    result = denoise(model, write_nifti(tmp_path / "flat.nii.gz", flat), tmp_path / "flat_out.nii.gz")
+    assert "no noise could be measured in" in result.stdout and "outside what" not in result.stdout
+
+
 def test_remove_rician_floor_recovers_the_signal_under_the_mean_of_rician_noise():
     from common import add_noise, remove_rician_floor
     draws = np.random.default_rng(0).standard_normal((2, 200_000)).astype(np.float32)
