@@ -2,6 +2,7 @@
 intensity normalisation, synthetic noise, foreground masks and image-quality metrics."""
 import importlib.resources
 import json
+import math
 import os
 import sys
 import tempfile
@@ -44,6 +45,14 @@ def _parse_list_item(text, current):
     return text
 
 
+def _finite(name, text, values):
+    """values, or an error if a number among them is nan or inf: no setting means anything by them, and nan
+    passes every range check (nan < 0 is False)."""
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise InputError(f"--{name}={text}: expected finite numbers, not nan or inf")
+    return values
+
+
 def _parse_value(name, text, current):
     """Turn the text of --name=text into the type of the constant it overrides."""
     if isinstance(current, bool):
@@ -63,10 +72,10 @@ def _parse_value(name, text, current):
         if isinstance(current, int):
             return int(text)
         if isinstance(current, float):
-            return float(text)
+            return _finite(name, text, [float(text)])[0]
         if isinstance(current, (list, tuple)):
             parsed = json.loads(text) if text.startswith("[") else [_parse_list_item(p, current) for p in text.split(",") if p]
-            return type(current)(parsed)
+            return type(current)(_finite(name, text, parsed))
     except ValueError:  # json.JSONDecodeError is a ValueError
         raise InputError(f"--{name}={text}: expected a value of type {type(current).__name__}") from None
     raise InputError(f"--{name}: cannot override a setting of type {type(current).__name__}")

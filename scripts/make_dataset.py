@@ -205,6 +205,8 @@ def main():
     paths = expand_paths(input_paths)
     if any(os.path.abspath(output_path) == os.path.abspath(p) for p in paths):
         raise InputError(f"{output_path}: the output would overwrite an input")
+    if not output_path.endswith(".npz"):
+        raise InputError(f"output_path={output_path}: expected a file name ending in .npz")
     check_output_path(output_path, "file name ending in .npz")
     check_split_before_loading(paths)
     scans = [describe_scan(path, scan_index) for scan_index, path in enumerate(paths)]

@@ -474,6 +474,9 @@ def main():
             if train_mse is None:
                 stopped = True
                 break
+            if not math.isfinite(train_mse):  # nothing is saved: the last resumable state is from before
+                raise InputError(f"training diverged: the training loss is {train_mse} in epoch {epoch + 1}; "
+                                 f"try a smaller learning_rate than {learning_rate:g}")
             history["epoch"].append(epoch + 1)
             history["train_mse"].append(train_mse)
             if rank == 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == n_epochs):

@@ -30,7 +30,7 @@ axis = 2                 # the slicing axis of the input: slices are taken acros
 dtype = "float32"        # "float32", or "input" for the input's own data type
 noise_sigma = 0.0        # noise sigma of the input on the [0, 1] scale; 0 = estimate it from the image
 overwrite = False        # allow replacing an existing output file (never the input)
-report = False           # also write OUTPUT_report.png: before / after / removed noise, and tSNR for 4D
+report = False           # also write OUTPUT_report.png: before / after / removed noise, and tSNR for 4D of 3+ volumes
 adapt_steps = 0          # > 0: first fine-tune the network on this input's own noisy slices (self-supervised)
 adapt_seconds = 45.0     # time budget of that adaptation
 adapt_heldout_fraction = 0.1  # share of the pixels held out of its loss, on which it must prove a gain to be kept
@@ -350,11 +350,13 @@ def denoise_nifti(model, metadata, bfloat16):
         print(f"report written to {report_path()}")
 
 
-def check_settings_need_input():
+FILE_SETTINGS = ("output_path", "report", "adapt_steps", "adapt_seconds", "adapt_heldout_fraction", "adapt_loss",
+                 "axis", "dtype", "noise_sigma", "overwrite")  # they only act on a file given with --input
+
+
+def check_settings_need_input(defaults):
     """Settings for denoising a file are refused without --input, rather than ignored by the evaluation mode."""
-    file_settings = {"output": output_path, "report": report, "adapt_steps": adapt_steps, "axis": axis != 2,
-                     "dtype": dtype != "float32", "noise_sigma": noise_sigma, "overwrite": overwrite}
-    given = [name for name, value in file_settings.items() if value]
+    given = [name.removesuffix("_path") for name in FILE_SETTINGS if globals()[name] != defaults[name]]
     if given and not input_path:
         raise InputError(f"--{', --'.join(given)} need --input=SCAN.nii.gz; without --input the script scores "
                          "the network on the test split of --dataset_path")
@@ -369,9 +371,10 @@ def repo_checkpoint(path):
 
 def main():
     global model_path
+    defaults = {name: globals()[name] for name in FILE_SETTINGS}
     apply_overrides(globals(), aliases={"model": "model_path", "input": "input_path", "output": "output_path"})
     model_path = repo_checkpoint(model_path)
-    check_settings_need_input()
+    check_settings_need_input(defaults)
     if "OMP_NUM_THREADS" not in os.environ:  # a limit the user set wins
         torch.set_num_threads(usable_cores())
     keep_freed_memory()

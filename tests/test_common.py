@@ -65,6 +65,9 @@ def test_aliases_set_the_named_setting():
     (["--augment=maybe"], "expected true or false"),
     (["--arch_args=[1]"], "expected a value of type dict"),
     (["--noise_sigma_range=0.1,big"], "expected a value of type list"),
+    (["--learning_rate=nan"], "--learning_rate=nan: expected finite numbers, not nan or inf"),
+    (["--noise_sigma_range=0.01,inf"], "--noise_sigma_range=0.01,inf: expected finite numbers"),
+    (["--noise_sigma_range=[0.01, NaN]"], "expected finite numbers"),
     (["--n_epochs"], "--n_epochs needs a value"),
     (["n_epochs=3"], "unexpected argument"),
 ])

@@ -78,6 +78,20 @@ def test_an_output_that_is_a_folder_is_refused_before_any_work(tmp_path, tiny_sc
     assert not list((tmp_path / "x.npz").iterdir())
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("--output_path=OUT/x.txt", "output_path=OUT/x.txt: expected a file name ending in .npz"),
+    ("--noise_sigma=nan", "--noise_sigma=nan: expected finite numbers"),
+    ("--val_fraction=nan", "--val_fraction=nan: expected finite numbers"),
+])
+def test_an_output_that_is_no_npz_and_settings_that_are_no_number_are_refused(tmp_path, tiny_scan, override,
+                                                                              fragment):
+    override = override.replace("OUT", str(tmp_path))
+    result = run_script("make_dataset", f"--input_paths={tiny_scan}", f"--output={tmp_path / 'x.npz'}", override,
+                        check=False)
+    assert_one_line_error(result, fragment.replace("OUT", str(tmp_path)))
+    assert not list(tmp_path.glob("x.*"))
+
+
 def test_a_3d_input_works(tmp_path):
     scan = write_nifti(tmp_path / "volume.nii.gz", phantom_volume((24, 20, 10)), dtype=np.int16)
     _, arrays = make_dataset(tmp_path, scan)

@@ -105,6 +105,13 @@ def test_bad_settings_are_caught_before_training(tmp_path, tiny_dataset, overrid
     assert not (tmp_path / "models").exists()
 
 
+def test_a_diverging_training_is_one_clear_error_and_saves_no_model(tmp_path, tiny_dataset):
+    result = train(tmp_path, tiny_dataset, "--arch=dncnn", "--learning_rate=1e12", "--n_epochs=3", check=False)
+    assert result.returncode == 1  # the progress bar came first on stderr, the error is its last line
+    assert result.stderr.strip().splitlines()[-1].startswith("error: training diverged: the training loss is nan")
+    assert not list((tmp_path / "models").glob("*.pt")) and not (tmp_path / "plots").exists()
+
+
 def test_an_output_folder_that_is_a_file_is_refused_before_training(tmp_path, tiny_dataset):
     (tmp_path / "models").write_text("a file")
     result = train(tmp_path, tiny_dataset, "--n_epochs=1", check=False)

@@ -77,6 +77,7 @@ def test_an_unknown_precision_is_one_clear_error(trained, tmp_path):
 @pytest.mark.parametrize("overrides, fragment", [
     (["--output=out.nii.gz"], "--output need --input"),
     (["--adapt_steps=5", "--report"], "--report, --adapt_steps need --input"),
+    (["--adapt_seconds=5", "--adapt_loss=neighbor2neighbor"], "--adapt_seconds, --adapt_loss need --input"),
 ])
 def test_file_settings_without_an_input_are_refused_not_ignored(trained, tmp_path, overrides, fragment):
     model, dataset = trained
