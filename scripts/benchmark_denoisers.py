@@ -17,9 +17,9 @@ from skimage.restoration import denoise_nl_means
 from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
                     check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise, estimate_noise_sigma,
                     foreground_mask, image_metrics, keep_freed_memory, keeps_rician_floor, load_checkpoint,
-                    mean_psnr_in_mask, network_name, normalise, percentile_range, remove_rician_floor, run_main, save_figure,
-                    save_json, summarise_metrics, tsnr_map, unique_clean_slices, usable_cores, use_bfloat16,
-                    write_into_readme)
+                    mean_psnr_in_mask, network_name, normalise, percentile_range, remove_rician_floor, run_main,
+                    save_figure, save_json, summarise_metrics, tsnr_map, unique_clean_slices, usable_cores,
+                    use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all

@@ -676,10 +676,10 @@ def estimate_noise_sigma(slices, magnitude=None):
     """Noise sigma of a set of 2D slices (any scale): the median over slices of slice_noise_sigma, leaving out
     the slices that show no noise at all (0: empty padding of a masked scan, or too thin to tell), so that
     they do not pull it to 0; 0 when no slice shows any. The wavelet estimate is biased less by anatomy than
-    the spread of the background is. magnitude: whether
-    they come from a magnitude image (a scan whose stored values are never negative, as real MRI); None
-    guesses it from the slices themselves (at most 2% negative values), which holds only when their
-    background lies at 0: after the tool's 1-99 percentile scaling any scan has 1% negative values."""
+    the spread of the background is. magnitude: whether they come from a magnitude image (a scan whose stored
+    values are never negative, as real MRI); None guesses it from the slices themselves (at most 2% negative
+    values), which holds only when their background lies at 0: after the tool's 1-99 percentile scaling any
+    scan has 1% negative values."""
     sigmas = [sigma for sigma in (slice_noise_sigma(s, magnitude) for s in slices) if sigma > 0]
     return float(np.median(sigmas)) if sigmas else 0.0
 

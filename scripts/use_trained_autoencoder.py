@@ -30,7 +30,7 @@ axis = 2                 # the slicing axis of the input: slices are taken acros
 dtype = "float32"        # "float32", or "input" for the input's own data type
 noise_sigma = 0.0        # noise sigma of the input on the [0, 1] scale; 0 = estimate it from the image
 overwrite = False        # allow replacing an existing output file (never the input)
-report = False           # also write OUTPUT_report.png: before / after / removed noise, and tSNR for 4D of 3+ volumes
+report = False           # also write OUTPUT_report.png: before / after / removed noise, tSNR for 4D (3+ volumes)
 adapt_steps = 0          # > 0: first fine-tune the network on this input's own noisy slices (self-supervised)
 adapt_seconds = 45.0     # time budget of that adaptation
 adapt_heldout_fraction = 0.1  # share of the pixels held out of its loss, on which it must prove a gain to be kept
