@@ -40,6 +40,10 @@ def expand_paths(paths):
         expanded += matches
     if not expanded:
         raise InputError("input_paths is empty; give at least one NIfTI file")
+    real_paths = [os.path.realpath(path) for path in expanded]
+    repeated = sorted({path for path, real in zip(expanded, real_paths) if real_paths.count(real) > 1})
+    if repeated:  # the same scan in two splits would leak it from training into validation or test
+        raise InputError(f"input_paths name the same file more than once: {', '.join(repeated)}")
     return expanded
 
 
@@ -210,6 +214,9 @@ def main():
     check_output_path(output_path, "file name ending in .npz")
     check_split_before_loading(paths)
     scans = [describe_scan(path, scan_index) for scan_index, path in enumerate(paths)]
+    if pairing == "time" and all(scan["n_time"] < 2 for scan in scans):
+        raise InputError(f"pairing=time needs a 4D scan of 2 or more volumes; {', '.join(paths)} "
+                         f"{'has' if len(paths) == 1 else 'have'} one volume each")
     split_of = assign_splits(scans)
     n_clean = sum(len(s["positions"]) * s["n_time"] for s in scans)
     n_realisations = max(1, round(target_n_images / n_clean))

@@ -92,6 +92,23 @@ def test_an_output_that_is_no_npz_and_settings_that_are_no_number_are_refused(tm
     assert not list(tmp_path.glob("x.*"))
 
 
+def test_the_same_scan_named_twice_is_refused_rather_than_split_into_train_and_val(tmp_path, tiny_scan):
+    """Three names make a split by scan; two of them being one file would put it in two splits."""
+    other = write_nifti(tmp_path / "other.nii.gz", phantom_volume((40, 36, 12, 3), seed=5))
+    result = run_script("make_dataset", f"--input_paths={tiny_scan},{other},{tiny_scan}",
+                        f"--output={tmp_path / 'x.npz'}", check=False)
+    assert_one_line_error(result, "input_paths name the same file more than once", str(tiny_scan))
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_time_pairs_from_a_3d_scan_are_refused_before_any_work(tmp_path):
+    scan = write_nifti(tmp_path / "t1.nii.gz", phantom_volume((40, 36, 12)))
+    result = run_script("make_dataset", f"--input_paths={scan}", f"--output={tmp_path / 'x.npz'}",
+                        "--pairing=time", check=False)
+    assert_one_line_error(result, "pairing=time needs a 4D scan of 2 or more volumes", "t1.nii.gz has one volume")
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_a_3d_input_works(tmp_path):
     scan = write_nifti(tmp_path / "volume.nii.gz", phantom_volume((24, 20, 10)), dtype=np.int16)
     _, arrays = make_dataset(tmp_path, scan)
