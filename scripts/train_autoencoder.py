@@ -311,28 +311,44 @@ def run_name(n_train):
     return f"autoencoder_{arch}{output_tag}_{n_epochs}epochs_{n_train}images"
 
 
-def resume_settings(n_train):
-    """The settings that shape the rest of a run: a resumed run should share them with the one it continues."""
+def resume_settings(run_data):
+    """The settings that shape the rest of a run: a resumed run should share them with the one it continues.
+    run_data: what the run trains on (n_train_images, train_noise_model, dataset_settings)."""
     return {"arch": arch, "arch_args": arch_args, "seed": seed, "batch_size": batch_size,
             "learning_rate": learning_rate, "lr_schedule": lr_schedule, "fresh_noise": fresh_noise,
-            "noise_model": noise_model, "noise_sigma_range": list(noise_sigma_range), "patch_size": patch_size,
-            "augment": augment, "training_target": training_target, "n_train_images": n_train,
-            "zoom_range": list(zoom_range), "gamma_range": list(gamma_range), "loss_weighting": loss_weighting,
-            "synthetic_fraction": synthetic_fraction}
+            "noise_sigma_range": list(noise_sigma_range), "patch_size": patch_size, "augment": augment,
+            "training_target": training_target, "zoom_range": list(zoom_range), "gamma_range": list(gamma_range),
+            "loss_weighting": loss_weighting, "synthetic_fraction": synthetic_fraction, "precision": precision,
+            **run_data}
 
 
-def training_state(model, optimiser, epoch, history, n_train):
+def settings_changes(saved, current):
+    """'name=value (was old)' for each setting in both that changed; a dict of settings (the dataset's) key by key.
+    Settings an older state did not save are not compared."""
+    changes = []
+    for name, value in current.items():
+        if name not in saved or saved[name] == value:
+            continue
+        if isinstance(value, dict) and isinstance(saved[name], dict):
+            changes += [f"{name}.{key}={value.get(key)} (was {saved[name].get(key)})"
+                        for key in sorted(set(value) | set(saved[name])) if value.get(key) != saved[name].get(key)]
+        else:
+            changes.append(f"{name}={value} (was {saved[name]})")
+    return changes
+
+
+def training_state(model, optimiser, epoch, history, run_data):
     """A copy of everything needed to continue the run after `epoch` epochs: later steps do not change it."""
     return copy.deepcopy({"state_dict": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch,
                           "history": history, "format_version": CHECKPOINT_FORMAT,
-                          "settings": resume_settings(n_train)})
+                          "settings": resume_settings(run_data)})
 
 
 def save_torch(data, path):
     return atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
-def load_resume_state(path, model, optimiser, n_train):
+def load_resume_state(path, model, optimiser, run_data):
     """Restore the model and optimiser from a .resume.pt file. Returns (epochs done, loss history,
     the settings that differ from the run that saved it)."""
     check_file_exists(path, "resume checkpoint")
@@ -352,6 +368,7 @@ def load_resume_state(path, model, optimiser, n_train):
     if (saved["arch"], saved["arch_args"]) != (arch, arch_args):
         raise InputError(f"{cannot}: it was made by arch={saved['arch']} arch_args={saved['arch_args']}, "
                          f"not arch={arch} arch_args={arch_args}")
+    n_train = run_data["n_train_images"]
     if saved.get("n_train_images", n_train) != n_train:
         raise InputError(f"{cannot}: it was trained on {saved['n_train_images']} images, {dataset_path} has "
                          f"{n_train}; resume with the dataset it was trained on")
@@ -362,8 +379,7 @@ def load_resume_state(path, model, optimiser, n_train):
         optimiser.load_state_dict(state["optimiser"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise InputError(f"{cannot}: {str(error).splitlines()[0]}") from None
-    changed = [f"{k}={v} (was {saved[k]})" for k, v in resume_settings(n_train).items() if k in saved and saved[k] != v]
-    return state["epoch"], state["history"], changed
+    return state["epoch"], state["history"], settings_changes(saved, resume_settings(run_data))
 
 
 def plot_loss_curves(history, title):
@@ -430,12 +446,14 @@ def main():
     if precision == "bfloat16" and not native_bfloat16(device) and rank == 0:
         print(f"warning: {device} has no native bfloat16 arithmetic; precision=bfloat16 will be slower than float32",
               file=sys.stderr)
+    run_data = {"n_train_images": n_train, "train_noise_model": train_noise_model,  # compared on --resume
+                "dataset_settings": {k: v for k, v in dataset_settings.items() if k != "versions"}}
     torch.manual_seed(seed)
     model = build_model(arch, arch_args).to(device).to(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     start_epoch, history = 0, {"epoch": [], "train_mse": [], "val_epoch": [], "val_mse": []}
     if resume:
-        start_epoch, history, changed = load_resume_state(resume, model, optimiser, n_train)
+        start_epoch, history, changed = load_resume_state(resume, model, optimiser, run_data)
         if changed and rank == 0:
             print(f"warning: resuming {resume} with other settings than it was trained with: {', '.join(changed)}",
                   file=sys.stderr)
@@ -463,7 +481,7 @@ def main():
     stop_requested = []
     previous_handlers = {number: signal.signal(number, lambda number, frame: stop_requested.append(number))
                          for number in (signal.SIGINT, signal.SIGTERM)}
-    last_state = training_state(model, optimiser, start_epoch, history, n_train)
+    last_state = training_state(model, optimiser, start_epoch, history, run_data)
     stopped = False
     started = time.perf_counter()
     progress = tqdm(range(start_epoch, n_epochs), desc=name, disable=rank != 0, initial=start_epoch, total=n_epochs)
@@ -483,7 +501,7 @@ def main():
                 history["val_epoch"].append(epoch + 1)
                 history["val_mse"].append(validation_mse(model.eval(), val, train_sigma))
                 progress.set_postfix(train_mse=f"{train_mse:.2e}", val_mse=f"{history['val_mse'][-1]:.2e}")
-            last_state = training_state(model, optimiser, epoch + 1, history, n_train)
+            last_state = training_state(model, optimiser, epoch + 1, history, run_data)
             if rank == 0 and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == n_epochs):
                 save_torch(last_state, resume_path)
     finally:

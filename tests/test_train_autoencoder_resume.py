@@ -57,6 +57,25 @@ def test_resuming_after_2_of_4_epochs_gives_the_uninterrupted_run(tiny_dataset, 
     assert history["epoch"] == [1, 2, 3, 4]
 
 
+def test_resuming_on_another_dataset_or_precision_warns_and_an_explicit_default_does_not(tiny_dataset, tmp_path,
+                                                                                          capsys):
+    """The same scan and slices with Rician noise: as many images, so only the settings tell them apart."""
+    scan = tiny_dataset.parent / "tiny.nii.gz"
+    rician = tmp_path / "rician.npz"
+    run_in_process(make_dataset, f"--input_paths={scan}", f"--output={rician}", "--slice_range=1,7",
+                   "--target_n_images=1", "--noise_model=rician")
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2))
+    state = tmp_path / f"{run_name(2)}.resume.pt"
+    capsys.readouterr()
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 3, f"--resume={state}",
+                                                  "--noise_model=gaussian"))
+    assert "warning: resuming" not in capsys.readouterr().err  # the noise it was trained with, named
+    run_in_process(train_autoencoder, *train_args(tmp_path, rician, 3, f"--resume={state}", "--precision=bfloat16"))
+    warning = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: resuming"))
+    assert "train_noise_model=rician (was gaussian)" in warning and "precision=bfloat16 (was float32)" in warning
+    assert "dataset_settings.noise_model=rician (was gaussian)" in warning
+
+
 def test_same_seed_gives_the_same_dataset_bytes_and_loss_history(tiny_dataset, uninterrupted, tmp_path):
     # a fresh interpreter for the second run: nothing may depend on the process (hash seeds, import order)
     scan = tiny_dataset.parent / "tiny.nii.gz"
