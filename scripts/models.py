@@ -61,7 +61,7 @@ class DnCNN(nn.Module):
         super().__init__()
         self.noise_map = noise_map
         dilations = list(dilations or [1] * depth)
-        if len(dilations) != depth or not all(isinstance(d, int) and d >= 1 for d in dilations):
+        if len(dilations) != depth or not all(type(d) is int and d >= 1 for d in dilations):  # not True
             raise ValueError(f"dilations={dilations}: expected {depth} whole numbers of 1 or more, one per layer")
         in_channels = [1 + noise_map] + [width] * (depth - 1)
         out_channels = [width] * (depth - 1) + [1]

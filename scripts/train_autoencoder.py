@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -64,6 +65,8 @@ plots_dir = "plots"
 examples_dir = "denoising_examples"
 # ---
 
+MIN_PATCH_SIZE = 8  # pixels: Neighbor2Neighbor halves a patch, and the networks' 3x3 kernels need a few pixels
+
 
 def check_settings(world_size):
     """The settings that need no data, checked before anything is read."""
@@ -71,10 +74,16 @@ def check_settings(world_size):
     if arch not in ARCHITECTURES:
         problems.append(f"arch={arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     else:
-        try:
-            build_model(arch, arch_args)
-        except (TypeError, ValueError) as error:
-            problems.append(f"arch_args={arch_args} do not fit arch={arch} ({error})")
+        try:  # built and run once on a small slice: bad sizes fail in many ways, some only in the forward pass
+            with warnings.catch_warnings():  # torch warns before it fails on a layer of 0 channels
+                warnings.simplefilter("ignore")
+                model = build_model(arch, arch_args)
+            model(torch.zeros(1, 1, MIN_PATCH_SIZE, MIN_PATCH_SIZE), torch.zeros(1))
+            if not any(True for _ in model.parameters()):
+                raise ValueError("a network without weights")
+        except Exception as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            problems.append(f"arch_args={arch_args} do not fit arch={arch} ({reason})")
     if noise_model not in ("", "gaussian", "rician"):
         problems.append(f"noise_model={noise_model!r}; expected '', 'gaussian' or 'rician'")
     if n_epochs < 1:
@@ -96,8 +105,8 @@ def check_settings(world_size):
                         "'neighbor2neighbor' or 'recorrupted'")
     if training_target == "recorrupted" and noise_model == "rician":
         problems.append("training_target=recorrupted needs Gaussian noise (its pairs are independent only then)")
-    if patch_size < 0:
-        problems.append(f"patch_size={patch_size}; expected 0 (whole slices) or a size in pixels")
+    if patch_size < 0 or 0 < patch_size < MIN_PATCH_SIZE:
+        problems.append(f"patch_size={patch_size}; expected 0 (whole slices) or {MIN_PATCH_SIZE} pixels or more")
     for name, value in (("zoom_range", zoom_range), ("gamma_range", gamma_range)):
         if value and (len(value) != 2 or not 0 < value[0] <= value[1]):
             problems.append(f"{name}={value}; expected low,high with 0 < low <= high")

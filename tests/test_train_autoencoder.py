@@ -97,6 +97,10 @@ def test_bad_command_line_is_a_one_line_error(tmp_path, tiny_dataset, override, 
     ("--noise_model=rician", "holds gaussian noise, on which validation would run"),
     ("--synthetic_fraction=0.5 --training_target=recorrupted", "needs training_target=clean"),
     ("--precision=half", "precision='half'"),
+    ("--arch=dncnn --arch_args={\"width\":0}", "arch_args={'width': 0} do not fit arch=dncnn"),
+    ("--arch=dncnn --arch_args={\"depth\":0}", "(a network without weights)"),
+    ("--arch=shufflenet --arch_args={\"factor\":0}", "arch_args={'factor': 0} do not fit arch=shufflenet"),
+    ("--patch_size=1 --training_target=neighbor2neighbor", "patch_size=1; expected 0 (whole slices) or 8 pixels"),
 ])
 def test_bad_settings_are_caught_before_training(tmp_path, tiny_dataset, override, fragment):
     result = train(tmp_path, tiny_dataset, *override.split(), check=False)
