@@ -185,10 +185,37 @@ def tuned_parameters(sigma, model_noise, val, rng):
 
 
 def scan_path(name):
-    """A scan given by path, or by its name in nibabel's test data folder (where the bundled scan lives)."""
+    """A scan given by path, or by its name in nibabel's test data folder (where the bundled scan lives), that
+    nibabel can read (NIfTI, or other formats such as the phantom's PAR/REC)."""
     path = name if os.path.exists(name) else os.path.join(os.path.dirname(BUNDLED_SCAN), name)
     check_file_exists(path)
+    try:
+        nib.load(path)  # reads only the header
+    except Exception as error:  # nibabel raises many types for a file that is not an image
+        raise InputError(f"{path} is not an image nibabel can read ({type(error).__name__})") from None
     return path
+
+
+TEST_SPLIT_CHANGES = {"coarse": 0.5, "fine": 1.5, "gamma": None}  # zoom factors of test_split:NAME; gamma: contrast
+
+
+def check_settings():
+    """Every setting checked before minutes of BM3D, and every scan named found and readable."""
+    if split not in ("test", "val"):
+        raise InputError(f"split={split!r}; expected 'test' or 'val'")
+    if main_sigma not in sigmas:
+        raise InputError(f"main_sigma={main_sigma} is not one of sigmas={sigmas}")
+    if not all(sigma > 0 for sigma in sigmas) or n_realisations < 1 or n_tuning_slices < 1:
+        raise InputError(f"sigmas={sigmas}, n_realisations={n_realisations}, n_tuning_slices={n_tuning_slices}; "
+                         "expected sigmas above 0 and counts of 1 or more")
+    for name in ood_scans:
+        if name.startswith("test_split:") and name.split(":", 1)[1] not in TEST_SPLIT_CHANGES:
+            raise InputError(f"ood_scans: {name!r}; expected test_split:" + ", test_split:".join(TEST_SPLIT_CHANGES)
+                             + " or a scan")
+        if not name.startswith("test_split:"):
+            scan_path(name)
+    for name in tsnr_scans:
+        scan_path(name)
 
 
 def ood_clean_slices(name, bundled_test, min_foreground_fraction):
@@ -198,7 +225,7 @@ def ood_clean_slices(name, bundled_test, min_foreground_fraction):
         change = name.split(":", 1)[1]
         if change == "gamma":
             return bundled_test["clean"] ** 0.6, bundled_test["mask"]
-        factor = {"coarse": 0.5, "fine": 1.5}[change]
+        factor = TEST_SPLIT_CHANGES[change]
         clean = np.stack([np.clip(ndimage.zoom(c, factor, order=3), 0, 1) for c in bundled_test["clean"]])
         masks = np.stack([ndimage.zoom(m.astype(np.float32), factor, order=1) > 0.5 for m in bundled_test["mask"]])
         return clean.astype(np.float32), masks
@@ -396,18 +423,15 @@ def load_networks():
 
 def main():
     apply_overrides(globals())
+    check_settings()
     torch.set_num_threads(usable_cores())
     keep_freed_memory()
-    if split not in ("test", "val"):
-        raise InputError(f"split={split!r}; expected 'test' or 'val'")
     test_clean, test_masks, dataset_settings = unique_clean_slices(dataset_path, split)
     val_clean, val_masks, _ = unique_clean_slices(dataset_path, "val")
     pick = np.linspace(0, len(val_clean) - 1, min(n_tuning_slices, len(val_clean))).astype(int)
     test = {"clean": test_clean, "mask": test_masks}
     val = {"clean": val_clean[pick], "mask": val_masks[pick]}
     model_noise = noise_model or dataset_settings["noise_model"]
-    if main_sigma not in sigmas:
-        raise InputError(f"main_sigma={main_sigma} is not one of sigmas={sigmas}")
     networks = load_networks()
     bfloat16 = use_bfloat16(precision, torch.device("cpu"))
     if float32_model_paths and not bfloat16:

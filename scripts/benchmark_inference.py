@@ -183,6 +183,9 @@ def main():
     if len(adapt_shape) != 3 or min(adapt_shape[:2]) < 8 or adapt_shape[2] < 1 or adapt_steps < 1:
         raise InputError(f"adapt_shape={adapt_shape}, adapt_steps={adapt_steps}; expected X,Y of 8 or more, Z of 1 "
                          "or more, and 1 or more steps")
+    if n_bm3d_slices < 1 or not noise_sigma > 0:
+        raise InputError(f"n_bm3d_slices={n_bm3d_slices}, noise_sigma={noise_sigma}; expected 1 or more slices and "
+                         "a sigma above 0")
     check_file_exists(model_path, "checkpoint (train one with scripts/train_autoencoder.py, or give --model)")
     load_before = os.getloadavg()[0]
     if work_dir:

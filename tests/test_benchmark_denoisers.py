@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import phantom_volume, run_script, write_nifti
+from conftest import assert_one_line_error, phantom_volume, run_script, write_nifti
 
 
 def test_a_tiny_benchmark_scores_every_method(tmp_path):
@@ -128,3 +128,20 @@ def test_with_rician_noise_the_floor_comes_out_of_gaussian_trained_networks_and_
     networks = {"dncnn": (model, metadata, "dncnn.pt")}
     assert BM3D_WITHOUT_FLOOR in all_methods(0.06, 0.5, 0.8, networks, False, rician=True)
     assert BM3D_WITHOUT_FLOOR not in all_methods(0.06, 0.5, 0.8, networks, False, rician=False)
+
+
+@pytest.mark.parametrize("script, overrides, fragment", [
+    ("benchmark_denoisers", ["--ood_scans=test_split:medium"], "expected test_split:coarse, test_split:fine"),
+    ("benchmark_denoisers", ["--tsnr_scans=notes.txt"], "notes.txt is not an image nibabel can read"),
+    ("benchmark_denoisers", ["--n_realisations=0"], "n_realisations=0"),
+    ("benchmark_denoisers", ["--sigmas=-0.06", "--main_sigma=-0.06"], "expected sigmas above 0"),
+    ("benchmark_noisy_reference", ["--split=tset"], "split='tset'"),
+    ("benchmark_noisy_reference", ["--model_paths=missing.pt"], "missing.pt: no such checkpoint"),
+    ("benchmark_inference", ["--n_bm3d_slices=0"], "n_bm3d_slices=0"),
+])
+def test_bad_benchmark_settings_are_one_line_before_any_work(tmp_path, script, overrides, fragment):
+    """Checked before minutes of BM3D, not after them; nothing is written."""
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = run_script(script, "--update_readme=false", *overrides, check=False, cwd=tmp_path)
+    assert_one_line_error(result, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
