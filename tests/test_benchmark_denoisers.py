@@ -70,7 +70,8 @@ def test_an_out_of_domain_4d_scan_is_scored_on_every_volume(tmp_path):
     from common import normalise, percentile_range
     series = phantom_volume((20, 18, 5, 3))
     series[:, :, :, 1] *= 0.5  # each volume must come out as itself
-    clean, masks = ood_clean_slices(write_nifti(tmp_path / "series.nii.gz", series), None, 0.15)
+    scan = write_nifti(tmp_path / "series.nii.gz", series)
+    clean, masks = ood_clean_slices(scan, None, 0.15)
     n_kept = len(clean) // 3
     assert clean.shape == (3 * n_kept, 20, 18) and masks.shape == clean.shape and n_kept >= 3
     expected = normalise(series, *percentile_range(series))
@@ -78,6 +79,8 @@ def test_an_out_of_domain_4d_scan_is_scored_on_every_volume(tmp_path):
         z = next(z for z in range(5) if np.allclose(clean[k], expected[:, :, z, 0]))
         assert all(np.allclose(clean[t * n_kept + k], expected[:, :, z, t]) for t in (1, 2))
         assert all(np.array_equal(masks[t * n_kept + k], masks[k]) for t in (1, 2))
+    # the slices kept are those whose head covers the dataset's min_foreground_fraction (this phantom's: 49-51%)
+    assert len(ood_clean_slices(scan, None, 0.5)[0]) == 3 * 3
 
 
 def test_an_adaptation_that_was_not_kept_is_marked_in_the_tables():
