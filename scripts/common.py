@@ -216,31 +216,39 @@ def load_nifti(path):
         raise InputError(f"{path} holds {'complex' if stored.kind == 'c' else 'RGB'} voxels ({stored}); expected "
                          "one real value per voxel (for complex MRI data, save its magnitude image)")
     try:
-        data, n_not_finite = read_float32(image)
+        data, n_not_finite, n_too_large = read_float32(image)
     except (EOFError, OSError, zlib.error, ValueError) as error:
         raise InputError(f"{path} could not be read, the file may be truncated ({type(error).__name__}: {error})"
                          .splitlines()[0]) from None
     data = data.reshape(shape)
     if n_not_finite:
         raise InputError(f"{path} contains {n_not_finite} NaN or Inf values")
+    if n_too_large:
+        raise InputError(f"{path} contains {n_too_large} values beyond float32's range (+-3.4e38); rescale the image")
     if not np.any(data):
         raise InputError(f"{path} is empty: every voxel is zero")
     return image, data
 
 
 def read_float32(image, chunk_bytes=8 * 2**20):
-    """(voxels as a float32 array in the file's (Fortran) order, number of NaN or Inf values), read a few
-    volumes at a time: reading all at once makes nibabel hold a second full-size copy (the raw or
-    decompressed bytes) next to the float32 result."""
+    """(voxels as a float32 array in the file's (Fortran) order, number of NaN or Inf values in the file, number
+    of finite values too large for float32), read a few volumes at a time: reading all at once makes nibabel
+    hold a second full-size copy (the raw or decompressed bytes) next to the float32 result."""
     data = np.empty(image.shape, dtype=np.float32, order="F")
     n_last = image.shape[-1]
     step = max(1, chunk_bytes // max(1, data[..., 0].nbytes))
-    n_not_finite = 0
+    n_not_finite = n_too_large = 0
     for start in range(0, n_last, step):
-        chunk = data[..., start:start + step]
-        chunk[...] = image.dataobj[..., start:start + step]
-        n_not_finite += chunk.size - int(np.count_nonzero(np.isfinite(chunk)))
-    return data, n_not_finite
+        chunk, values = data[..., start:start + step], np.asanyarray(image.dataobj[..., start:start + step])
+        with np.errstate(over="ignore"):  # counted below
+            chunk[...] = values
+        n_bad = chunk.size - int(np.count_nonzero(np.isfinite(chunk)))
+        if n_bad and values.dtype != np.float32:  # a float64 file: some may be finite values float32 cannot hold
+            n_bad_in_file = values.size - int(np.count_nonzero(np.isfinite(values)))
+            n_too_large += n_bad - n_bad_in_file
+            n_bad = n_bad_in_file
+        n_not_finite += n_bad
+    return data, n_not_finite, n_too_large
 
 
 def atomic_write(path, write):

@@ -52,6 +52,9 @@ OUTLIER_RANGE = (-1.0, 3.0)  # on the [0, 1] scale of the 1st-99th percentiles: 
 MASKED_FRACTION = 0.1    # a magnitude image with at least this share of masked_background has one
 MIN_ADAPT_SIZE = 8       # pixels: the adaptation's patches and held-out checks need slices at least this wide
 SMALL_SLICE = 32         # pixels: in slices narrower than this the noise estimate reads much of the anatomy as noise
+MAX_NOISE_SIGMA = 1.0    # a noise_sigma as large as the scan's range is no noise level: most likely one in scanner units
+MAGNITUDE_NEGATIVE_SHARE = 0.005  # a scan with at most this share of negative voxels is a magnitude image: resampling
+                                  # with spline or sinc interpolation leaves a few, Gaussian noise around 0 many
 
 
 # --- evaluation on the test split -------------------------------------------------------------
@@ -124,8 +127,10 @@ def check_paths():
         raise InputError(f"adapt_heldout_fraction={adapt_heldout_fraction}; expected above 0 and below 0.5")
     if adapt_steps < 0 or not 0 < adapt_seconds < math.inf:
         raise InputError(f"adapt_steps={adapt_steps}, adapt_seconds={adapt_seconds}; expected 0 or more steps and above 0 seconds")
-    if not 0 <= noise_sigma < math.inf:
-        raise InputError(f"noise_sigma={noise_sigma}; expected 0 (estimate) or above")
+    if not 0 <= noise_sigma < MAX_NOISE_SIGMA:
+        raise InputError(f"noise_sigma={noise_sigma}; expected 0 (estimate it) or a sigma below {MAX_NOISE_SIGMA} on the "
+                         "network's [0, 1] scale, the scan's 1st-99th percentile range: a sigma in the scan's own "
+                         "units divided by that range")
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size}; expected 1 or more")
     if report and os.path.exists(report_path()) and not overwrite:
@@ -136,11 +141,17 @@ def report_path():
     return output_path.removesuffix(".gz").removesuffix(".nii") + "_report.png"
 
 
-def robust_range(data, low_percentile, high_percentile, max_samples=2_000_000):
-    """Normalisation range of a large array from an even subsample, to bound time and memory."""
+def even_subsample(data, max_samples=2_000_000):
+    """At most about max_samples values of a large array, evenly spaced, to bound time and memory."""
     step = max(1, data.size // max_samples)
     # ravel in memory order: NIfTI data is Fortran-ordered, and reshape(-1) would copy all of it
-    return percentile_range(data.ravel(order="K")[::step], low_percentile, high_percentile)
+    return data.ravel(order="K")[::step]
+
+
+def is_magnitude_image(data):
+    """Whether a scan is a magnitude image (nearly no negative voxel), whose dark background holds Rayleigh,
+    not Gaussian, noise."""
+    return bool(np.mean(even_subsample(data) < 0) <= MAGNITUDE_NEGATIVE_SHARE)
 
 
 def slices_view(data):
@@ -262,11 +273,13 @@ def output_image(image, denoised, model_name):
     return type(image)(denoised.reshape(image.shape), image.affine, header)
 
 
-def plot_report(data, denoised, low, high, sigma):
+def plot_report(data, denoised, low, high, sigma, voxel_sizes):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     view, out_view = slices_view(data), slices_view(denoised)
+    across, up = (float(size) for i, size in enumerate(voxel_sizes) if i != axis)  # mm; slices are shown transposed
+    pixel_aspect = up / across if across > 0 and up > 0 else 1.0  # a header without voxel sizes: square pixels
     n_slices = view.shape[2]
     picks = np.linspace(n_slices * 0.25, n_slices * 0.75, 3).astype(int)
     is_4d = data.ndim == 4 and data.shape[3] >= 3  # a temporal SNR needs a few volumes
@@ -280,7 +293,7 @@ def plot_report(data, denoised, low, high, sigma):
                 (before, f"input, slice {z}", dict(cmap="gray", vmin=low, vmax=high)),
                 (after, "denoised", dict(cmap="gray", vmin=low, vmax=high)),
                 (removed, "removed (input - denoised)", dict(cmap="RdBu_r", vmin=-limit, vmax=limit))]):
-            axes[row, column].imshow(image.T, origin="lower", **kwargs)
+            axes[row, column].imshow(image.T, origin="lower", aspect=pixel_aspect, **kwargs)
             axes[row, column].set_title(title, fontsize=9)
     if is_4d:
         head = foreground_mask(normalise(data.mean(axis=3), low, high))
@@ -291,7 +304,7 @@ def plot_report(data, denoised, low, high, sigma):
         head_slice = np.moveaxis(head, axis, 2)[:, :, z]
         for column, (tsnr, name) in enumerate([(tsnr_before, "before"), (tsnr_after, "after")]):
             shown = np.where(head_slice, np.moveaxis(tsnr, axis, 2)[:, :, z], np.nan)
-            axes[-1, column].imshow(shown.T, origin="lower", cmap="inferno", vmin=0, vmax=vmax)
+            axes[-1, column].imshow(shown.T, origin="lower", aspect=pixel_aspect, cmap="inferno", vmin=0, vmax=vmax)
             axes[-1, column].set_title(f"tSNR {name}: median {np.median(tsnr[head]):.1f} in the head", fontsize=9)
         axes[-1, 2].hist([np.clip(tsnr_before[head], 0, vmax), np.clip(tsnr_after[head], 0, vmax)], bins=60,
                          range=(0, vmax), label=["before", "after"], alpha=0.7)
@@ -313,14 +326,14 @@ def denoise_nifti(model, metadata, bfloat16):
     image, data = load_nifti(input_path)
     data = data.reshape(data.shape[:4])
     norm = metadata["normalisation"]
-    low, high = robust_range(data, norm["low_percentile"], norm["high_percentile"])
+    low, high = percentile_range(even_subsample(data), norm["low_percentile"], norm["high_percentile"])
     view = slices_view(data)
-    magnitude = bool(data.min() >= 0)  # a magnitude image: its dark background holds Rayleigh, not Gaussian, noise
+    magnitude = is_magnitude_image(data)
     estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude)
     sigma = noise_sigma or estimated
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
           f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale "
-          f"({'a magnitude image: no negative values' if magnitude else 'negative values: no magnitude correction'}"
+          f"({'a magnitude image: (almost) no negative values' if magnitude else 'negative values: no magnitude correction'}"
           + ("; the Rician noise floor will be taken out)" if magnitude and removes_rician_floor(metadata) else ")")
           + (f", using {sigma:.4f} as given" if noise_sigma else ""))
     if not noise_sigma and estimated == 0:
@@ -346,7 +359,7 @@ def denoise_nifti(model, metadata, bfloat16):
     atomic_write(output_path, lambda tmp: nib.save(result, tmp))
     print(f"denoised image written to {output_path}" + (" (x8 self-ensemble)" if self_ensemble else ""))
     if report:
-        save_figure(plot_report(data, denoised, low, high, sigma), report_path())
+        save_figure(plot_report(data, denoised, low, high, sigma, image.header.get_zooms()[:3]), report_path())
         print(f"report written to {report_path()}")
 
 

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, phantom_volume, run_script, write_nifti
+from conftest import DEFAULT_MODEL, assert_one_line_error, phantom_volume, run_script, write_nifti
 
 
 def test_a_tiny_benchmark_scores_every_method(tmp_path):
@@ -118,7 +118,7 @@ def test_the_comparison_figure_keeps_its_title_and_labels_each_panel():
 def test_with_rician_noise_the_floor_comes_out_of_gaussian_trained_networks_and_an_extra_bm3d_row():
     from benchmark_denoisers import BM3D_WITHOUT_FLOOR, all_methods, network_method
     from common import add_noise, load_checkpoint, remove_rician_floor
-    model, metadata = load_checkpoint("trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt")
+    model, metadata = load_checkpoint(DEFAULT_MODEL)
     clean = phantom_volume((32, 28, 2)).transpose(2, 0, 1) / 1000
     draws = np.random.default_rng(0).standard_normal((2, *clean.shape))
     noisy = add_noise(clean, 0.06, "rician", draws).astype(np.float32)

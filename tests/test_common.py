@@ -85,7 +85,7 @@ def test_chunked_read_equals_reading_at_once(tmp_path, shape):
     image.header.set_data_dtype(np.int16)  # stored scaled: each chunk must be scaled like the whole
     nib.save(image, str(tmp_path / "scan.nii.gz"))
     loaded = nib.load(tmp_path / "scan.nii.gz", keep_file_open=True)
-    data, n_not_finite = read_float32(loaded, chunk_bytes=2 * 9 * 7 * 4)  # a few slices per chunk, a ragged last one
+    data, n_not_finite, n_too_large = read_float32(loaded, chunk_bytes=2 * 9 * 7 * 4)  # a few slices per chunk, a ragged last one
     assert data.dtype == np.float32 and n_not_finite == 0
     np.testing.assert_array_equal(data, np.asarray(nib.load(tmp_path / "scan.nii.gz").dataobj, dtype=np.float32))
     np.testing.assert_allclose(data, values, atol=0.01)
@@ -98,6 +98,19 @@ def test_load_nifti_counts_every_nan_and_inf(tmp_path):
     nib.save(nib.Nifti1Image(values, np.eye(4)), str(tmp_path / "scan.nii"))
     with pytest.raises(InputError, match="contains 3 NaN or Inf values"):
         load_nifti(tmp_path / "scan.nii")
+
+
+def test_load_nifti_tells_values_too_large_for_float32_from_nan(tmp_path):
+    values = np.ones((6, 5, 4), dtype=np.float64)
+    values[1, 1, 1] = values[2, 2, 2] = 1e300
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(tmp_path / "huge.nii"))
+    loaded = nib.load(tmp_path / "huge.nii", keep_file_open=True)
+    assert read_float32(loaded)[1:] == (0, 2)
+    with pytest.raises(InputError, match=r"contains 2 values beyond float32's range"):
+        load_nifti(tmp_path / "huge.nii")
+    values[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(tmp_path / "huge_and_nan.nii"))
+    assert read_float32(nib.load(tmp_path / "huge_and_nan.nii", keep_file_open=True))[1:] == (1, 2)
 
 
 def dark_and_bright_slices(noise_model, sigma, n=6, size=96):
