@@ -23,7 +23,7 @@ from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_s
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
-model_paths = ["trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt",
+model_paths = ["trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_200epochs_672images.pt",
                "trained_models/autoencoder_seed_100epochs_672images.pt"]
 noise_model = ""                            # "gaussian" or "rician"; "" = the dataset's
 sigmas = [0.02, 0.04, 0.06, 0.09, 0.12]    # noise levels of the sweep, on the [0, 1] scale
@@ -224,15 +224,16 @@ def ood_clean_slices(name, bundled_test, min_foreground_fraction):
     if name.startswith("test_split:"):
         change = name.split(":", 1)[1]
         if change == "gamma":
-            return bundled_test["clean"] ** 0.6, bundled_test["mask"]
+            return np.maximum(bundled_test["clean"], 0) ** 0.6, bundled_test["mask"]
         factor = TEST_SPLIT_CHANGES[change]
-        clean = np.stack([np.clip(ndimage.zoom(c, factor, order=3), 0, 1) for c in bundled_test["clean"]])
+        # cut at 0 only (the cubic spline undershoots at edges), not at 1: make_dataset does not clip the scan
+        clean = np.stack([np.maximum(ndimage.zoom(c, factor, order=3), 0) for c in bundled_test["clean"]])
         masks = np.stack([ndimage.zoom(m.astype(np.float32), factor, order=1) > 0.5 for m in bundled_test["mask"]])
         return clean.astype(np.float32), masks
     path = scan_path(name)
     volumes = np.asarray(nib.load(path).dataobj, dtype=np.float32)
     volumes = volumes if volumes.ndim == 4 else volumes[..., None]  # every volume, as the tool denoises them
-    volumes = normalise(volumes, *percentile_range(volumes))
+    volumes = normalise(volumes, *percentile_range(volumes), clip=False)  # as the tool and make_dataset scale a scan
     head = foreground_mask(volumes.mean(axis=3))
     keep = [z for z in range(head.shape[2]) if head[:, :, z].mean() >= min_foreground_fraction]
     slices = np.moveaxis(volumes[:, :, keep, :], (3, 2), (0, 1)).reshape(-1, *head.shape[:2])  # (t * z, X, Y)

@@ -370,8 +370,9 @@ def tsnr_map(series):
 
 def foreground_mask(volume):
     """Foreground (head) mask of a normalised 3D volume (X, Y, Z): Otsu threshold of the
-    lightly smoothed image, holes filled slice by slice, then dilated by one voxel."""
-    smoothed = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), sigma=(1, 1, 0))
+    lightly smoothed image, holes filled slice by slice, then dilated by one voxel. Intensities are clipped
+    to [0, 1] first, so that the brightest voxels and spikes do not move the threshold."""
+    smoothed = ndimage.gaussian_filter(np.clip(np.asarray(volume, dtype=np.float32), 0, 1), sigma=(1, 1, 0))
     if smoothed.max() <= smoothed.min():
         return np.ones(volume.shape, dtype=bool)
     mask = smoothed > threshold_otsu(smoothed.ravel())  # flat: a (X, Y, 3) volume is not an RGB image

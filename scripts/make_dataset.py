@@ -16,6 +16,9 @@ output_path = "data/mri_denoising.npz"
 n_timepoints = 100                # keep the first n volumes of a 4D scan (all if fewer)
 low_percentile = 1.0              # intensities at these global percentiles become 0 and 1
 high_percentile = 99.0
+clip_to_unit_range = False        # True clips the scaled intensities to [0, 1], as datasets made before this
+                                  # setting were; the tool never clips, and a network trained on clipped slices
+                                  # learns to pull the brightest 1-3% of a scan's voxels down towards 1
 min_foreground_fraction = 0.15    # keep axial slices whose head mask covers at least this much
 slice_range = []                  # [first, last) axial slices to keep instead, e.g. --slice_range=10,14
 noise_model = "gaussian"          # "gaussian" or "rician"
@@ -48,11 +51,13 @@ def expand_paths(paths):
 
 
 def load_scan(path):
-    """Normalised first n_timepoints volumes of one scan: (X, Y, Z, T) float32 in [0, 1], and (low, high)."""
+    """Normalised first n_timepoints volumes of one scan: (X, Y, Z, T) float32, the low and high percentiles
+    at 0 and 1 (unclipped: the brightest voxels lie above 1, as use_trained_autoencoder.py gives them to the
+    network), and (low, high)."""
     _, data = load_nifti(path)
     volumes = data[..., None] if data.ndim == 3 else data[..., :n_timepoints]
     low, high = percentile_range(volumes, low_percentile, high_percentile)
-    return normalise(volumes, low, high), (low, high)
+    return normalise(volumes, low, high, clip=clip_to_unit_range), (low, high)
 
 
 def select_slices(head_mask, path):

@@ -209,7 +209,7 @@ def make_training_pair(images, epoch, index, train_sigma, train_noise_model):
         factor = max(rng.uniform(*zoom_range), patch_size / min(images[0].shape))  # still holds a whole patch
         images = [np.clip(ndimage.zoom(images[0], factor, order=3, mode="mirror"), 0, None)]
     if gamma_range:
-        images = [np.clip(images[0], 0, 1) ** rng.uniform(*gamma_range)]
+        images = [np.maximum(images[0], 0) ** rng.uniform(*gamma_range)]
     if patch_size:
         height, width = images[0].shape
         size_h, size_w = min(patch_size, height), min(patch_size, width)
