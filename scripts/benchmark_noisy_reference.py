@@ -20,7 +20,7 @@ from common import (InputError, add_noise, apply_overrides, bm3d_slices, check_f
 # --- settings: edit here, or override on the command line: --reference_sigma=0.03
 dataset_path = "data/mri_denoising.npz"
 split = "test"
-model_paths = ["trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt"]
+model_paths = ["trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_200epochs_672images.pt"]
 reference_sigma = 0.045           # the reference's own noise: the T1's, as benchmark_denoisers.py estimates it
 noise_sigma = 0.06                # the synthetic noise added to the reference
 n_realisations = 3                # noisy inputs per reference slice

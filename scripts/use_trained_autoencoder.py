@@ -21,7 +21,7 @@ from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overri
                     run_main, save_figure, save_json, summarise_metrics, tsnr_map, use_bfloat16, usable_cores)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
-model_path = "trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt"
+model_path = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_200epochs_672images.pt"
 dataset_path = "data/mri_denoising.npz"   # evaluation mode: its test split
 examples_dir = "denoising_examples"
 input_path = ""          # a 3D or 4D NIfTI to denoise (--input); empty = evaluation mode

@@ -55,7 +55,7 @@ def phantom_volume(shape, seed=0):
     return volume + rng.normal(0, 5, volume.shape).astype(np.float32)
 
 
-DEFAULT_MODEL = "trained_models/autoencoder_dncnn_blind_bf16_b4_200epochs_672images.pt"  # the shipped default
+DEFAULT_MODEL = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_200epochs_672images.pt"  # the shipped default
 
 
 def write_nifti(path, data, dtype=np.float32, affine=None):
