@@ -233,7 +233,7 @@ def ood_clean_slices(name, bundled_test, min_foreground_fraction):
     path = scan_path(name)
     volumes = np.asarray(nib.load(path).dataobj, dtype=np.float32)
     volumes = volumes if volumes.ndim == 4 else volumes[..., None]  # every volume, as the tool denoises them
-    volumes = normalise(volumes, *percentile_range(volumes), clip=False)  # as the tool and make_dataset scale a scan
+    volumes = normalise(volumes, *percentile_range(volumes))  # as the tool and make_dataset scale a scan
     head = foreground_mask(volumes.mean(axis=3))
     keep = [z for z in range(head.shape[2]) if head[:, :, z].mean() >= min_foreground_fraction]
     slices = np.moveaxis(volumes[:, :, keep, :], (3, 2), (0, 1)).reshape(-1, *head.shape[:2])  # (t * z, X, Y)
@@ -249,7 +249,7 @@ def real_series_slices(name):
     if series.ndim != 4 or series.shape[3] < 3:
         raise InputError(f"{path}: tsnr_scans need a 4D series of 3 or more volumes, this has shape {series.shape}")
     low, high = percentile_range(series)
-    series = normalise(series, low, high, clip=False)  # clipping would flatten the brightest voxels' time course
+    series = normalise(series, low, high)  # clipping would flatten the brightest voxels' time course
     slices = np.moveaxis(series, (2, 3), (0, 1)).reshape(-1, *series.shape[:2])
     return slices, series.shape, foreground_mask(series.mean(axis=3)), (low, high)
 

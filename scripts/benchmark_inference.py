@@ -132,8 +132,8 @@ def measure_adaptation(folder):
                    f"--precision={precision}"]
         elapsed, _, stdout = run_measured(command, folder)
         denoised = np.moveaxis(np.asarray(nib.load(output_path).dataobj, dtype=np.float32), 2, 0)
-        psnr[steps] = mean_psnr_in_mask(np.moveaxis(normalise(clean, low, high, clip=False), 2, 0),
-                                        normalise(denoised, low, high, clip=False), np.moveaxis(head, 2, 0))
+        psnr[steps] = mean_psnr_in_mask(np.moveaxis(normalise(clean, low, high), 2, 0),
+                                        normalise(denoised, low, high), np.moveaxis(head, 2, 0))
         if steps:
             seconds, said = elapsed, next(line for line in stdout.splitlines() if line.startswith("adaptation:"))
     return {"shape": adapt_shape, "steps": adapt_steps, "seconds": seconds, "budget_seconds": adapt_budget_seconds,
@@ -203,8 +203,8 @@ def main():
         # the slices BM3D gets: the middle axial slice at times spread over the series, on the [0, 1] scale
         low, high = percentile_range(series.ravel(order="K")[::7])
         z, times = shape[2] // 2, np.linspace(0, shape[3] - 1, n_bm3d_slices).astype(int)
-        noisy_slices = normalise(np.moveaxis(series[:, :, z, times], 2, 0), low, high, clip=False)
-        clean_slices = normalise(clean[None, :, :, z] * change[times, None, None], low, high, clip=False)
+        noisy_slices = normalise(np.moveaxis(series[:, :, z, times], 2, 0), low, high)
+        clean_slices = normalise(clean[None, :, :, z] * change[times, None, None], low, high)
         del series
 
         command = [sys.executable, os.path.join(SCRIPTS, "use_trained_autoencoder.py"), f"--model={model_path}",
@@ -212,7 +212,7 @@ def main():
         print("running " + " ".join(command), flush=True)
         seconds, peak_rss, stdout = run_measured(command, folder)
         denoised_middle = np.asarray(nib.load(output_path).dataobj[:, :, z, :], dtype=np.float32)
-        network_slices = normalise(np.moveaxis(denoised_middle[:, :, times], 2, 0), low, high, clip=False)
+        network_slices = normalise(np.moveaxis(denoised_middle[:, :, times], 2, 0), low, high)
         output_file_mb = os.path.getsize(output_path) / MB
         input_file_mb = os.path.getsize(input_path) / MB
         adaptation = measure_adaptation(folder)

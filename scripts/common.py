@@ -310,7 +310,9 @@ def percentile_range(volume, low_percentile=1.0, high_percentile=99.0):
     return float(low), float(high)
 
 
-def normalise(volume, low, high, clip=True):
+def normalise(volume, low, high, clip=False):
+    """low -> 0 and high -> 1; clip=True cuts to [0, 1], which only make_dataset's clip_to_unit_range asks for:
+    the network is given a scan's brightest voxels above 1."""
     scaled = (np.asarray(volume, dtype=np.float32) - low) / (high - low)
     return np.clip(scaled, 0.0, 1.0) if clip else scaled
 

@@ -18,7 +18,7 @@ low_percentile = 1.0              # intensities at these global percentiles beco
 high_percentile = 99.0
 clip_to_unit_range = False        # True clips the scaled intensities to [0, 1], as datasets made before this
                                   # setting were; the tool never clips, and a network trained on clipped slices
-                                  # learns to pull the brightest 1-3% of a scan's voxels down towards 1
+                                  # learns to pull a scan's brightest voxels down towards 1
 min_foreground_fraction = 0.15    # keep axial slices whose head mask covers at least this much
 slice_range = []                  # [first, last) axial slices to keep instead, e.g. --slice_range=10,14
 noise_model = "gaussian"          # "gaussian" or "rician"

@@ -190,7 +190,7 @@ def without_outliers(scaled):
 def sample_slices(view, low, high, n_samples):
     """Up to n_samples slices spread evenly over the slices and volumes of `view`, normalised, as the network
     sees them (without_outliers): (n, A, B)."""
-    return without_outliers(normalise(spread_slices(view, n_samples), low, high, clip=False))
+    return without_outliers(normalise(spread_slices(view, n_samples), low, high))
 
 
 def masked_background(batch):
@@ -235,7 +235,7 @@ def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low,
         for start in range(0, total, batch_size):
             ks = range(start, min(start + batch_size, total))
             batch = slices_at(view, ks)
-            scaled = normalise(batch, low, high, clip=False)
+            scaled = normalise(batch, low, high)
             denoised = denoise_adapted(model, adapted, without_outliers(scaled), sigma, object_threshold,
                                        batch_size, self_ensemble, bfloat16)
             denoised = np.where(outlier_voxels(scaled), scaled, denoised)

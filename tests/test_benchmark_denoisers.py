@@ -74,7 +74,7 @@ def test_an_out_of_domain_4d_scan_is_scored_on_every_volume(tmp_path):
     clean, masks = ood_clean_slices(scan, None, 0.15)
     n_kept = len(clean) // 3
     assert clean.shape == (3 * n_kept, 20, 18) and masks.shape == clean.shape and n_kept >= 3
-    expected = normalise(series, *percentile_range(series), clip=False)  # unclipped, as the tool scales a scan
+    expected = normalise(series, *percentile_range(series))  # unclipped, as the tool scales a scan
     for k in range(n_kept):
         z = next(z for z in range(5) if np.allclose(clean[k], expected[:, :, z, 0]))
         assert all(np.allclose(clean[t * n_kept + k], expected[:, :, z, t]) for t in (1, 2))

@@ -46,7 +46,7 @@ def test_normalise_without_clipping_then_denormalise_is_the_identity(low, width,
     high = low + width
     # values inside and well outside [low, high], as a real scan's outliers beyond the percentiles are
     volume = (low + width * np.random.default_rng(seed).uniform(-2, 3, n_values)).astype(np.float32)
-    scaled = normalise(volume, low, high, clip=False)
+    scaled = normalise(volume, low, high)
     assert scaled.dtype == np.float32
     restored = denormalise(scaled, low, high)
     assert restored.dtype == np.float32
