@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
-from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
+from common import (BUNDLED_SCAN, DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
                     check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise, estimate_noise_sigma,
                     foreground_mask, image_metrics, keep_freed_memory, keeps_rician_floor, load_checkpoint,
                     mean_psnr_in_mask, network_name, normalise, percentile_range, remove_rician_floor, run_main,
@@ -23,7 +23,7 @@ from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, bm3d_s
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
-model_paths = ["trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_200epochs_672images.pt",
+model_paths = [DEFAULT_MODEL,
                "trained_models/autoencoder_seed_100epochs_672images.pt"]
 noise_model = ""                            # "gaussian" or "rician"; "" = the dataset's
 sigmas = [0.02, 0.04, 0.06, 0.09, 0.12]    # noise levels of the sweep, on the [0, 1] scale

@@ -21,11 +21,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from common import (InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists, mean_psnr_in_mask,
-                    normalise, package_versions, percentile_range, run_main, save_json, write_into_readme)
+from common import (DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
+                    mean_psnr_in_mask, normalise, package_versions, percentile_range, run_main, save_json,
+                    write_into_readme)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
-model_path = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_200epochs_672images.pt"
+model_path = DEFAULT_MODEL        # common.py names the shipped default, for every script
 precision = "auto"                # passed to the tool: "auto" (bfloat16 on a CPU that computes it natively),
                                   # "float32" or "bfloat16"
 shape = [64, 64, 30, 300]         # X, Y, Z, T of the synthetic series

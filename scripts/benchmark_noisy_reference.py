@@ -12,15 +12,15 @@ Writes denoising_examples/benchmark_noisy_reference.json and the table into READ
     python scripts/benchmark_noisy_reference.py [--model_paths=a.pt,b.pt] [--reference_sigma=0.045]"""
 import numpy as np
 
-from common import (InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists, denoise_slices,
-                    denoise_with_adaptation, estimate_noise_sigma, keep_freed_memory, load_checkpoint,
+from common import (DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
+                    denoise_slices, denoise_with_adaptation, estimate_noise_sigma, keep_freed_memory, load_checkpoint,
                     mean_psnr_in_mask, native_bfloat16, network_name, package_versions, pick_device, run_main,
                     save_json, unique_clean_slices, use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --reference_sigma=0.03
 dataset_path = "data/mri_denoising.npz"
 split = "test"
-model_paths = ["trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_200epochs_672images.pt"]
+model_paths = [DEFAULT_MODEL]
 reference_sigma = 0.045           # the reference's own noise: the T1's, as benchmark_denoisers.py estimates it
 noise_sigma = 0.06                # the synthetic noise added to the reference
 n_realisations = 3                # noisy inputs per reference slice

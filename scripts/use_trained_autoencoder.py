@@ -14,14 +14,15 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from common import (ADAPTATION_LOSSES, InputError, adapt_to_slices, apply_overrides, atomic_write, check_file_exists,
-                    check_output_path, check_self_ensemble, denoise_adapted, denoise_slices, estimate_noise_sigma,
-                    foreground_mask, image_metrics, keep_freed_memory, keeps_rician_floor, load_checkpoint,
-                    load_dataset, load_nifti, normalise, percentile_range, plot_denoising_grid, remove_rician_floor,
-                    run_main, save_figure, save_json, summarise_metrics, tsnr_map, use_bfloat16, usable_cores)
+from common import (ADAPTATION_LOSSES, DEFAULT_MODEL, InputError, adapt_to_slices, apply_overrides, atomic_write,
+                    check_file_exists, check_output_path, check_self_ensemble, denoise_adapted, denoise_slices,
+                    estimate_noise_sigma, foreground_mask, image_metrics, keep_freed_memory, keeps_rician_floor,
+                    load_checkpoint, load_dataset, load_nifti, normalise, percentile_range, plot_denoising_grid,
+                    remove_rician_floor, run_main, save_figure, save_json, summarise_metrics, tsnr_map, usable_cores,
+                    use_bfloat16)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
-model_path = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_200epochs_672images.pt"
+model_path = DEFAULT_MODEL        # common.py names the shipped default, for every script
 dataset_path = "data/mri_denoising.npz"   # evaluation mode: its test split
 examples_dir = "denoising_examples"
 input_path = ""          # a 3D or 4D NIfTI to denoise (--input); empty = evaluation mode

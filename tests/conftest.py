@@ -16,6 +16,7 @@ torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
 sys.path.insert(0, SCRIPTS)
+from common import DEFAULT_MODEL  # noqa: E402  (the tests import it from here)
 
 
 def run_script(name, *args, cwd=None, check=True):
@@ -55,7 +56,6 @@ def phantom_volume(shape, seed=0):
     return volume + rng.normal(0, 5, volume.shape).astype(np.float32)
 
 
-DEFAULT_MODEL = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_200epochs_672images.pt"  # the shipped default
 
 
 def write_nifti(path, data, dtype=np.float32, affine=None):
