@@ -4,7 +4,7 @@ For every noise sigma, each clean test slice gets fresh synthetic noise (seeded)
 width and non-local means' strength are tuned on validation slices; BM3D is given the true sigma;
 networks with a noise-level input get the sigma estimated from the noisy slices, as users get it.
 Writes a JSON and a markdown table (also into README.md between the benchmark markers), a comparison
-figure in denoising_examples/ and plots/psnr_vs_sigma_*.png."""
+figure in denoising_examples/ and plots/psnr_vs_sigma_*.png (examples_dir and plots_dir)."""
 import os
 import time
 
@@ -61,6 +61,8 @@ split = "test"                              # the slices scored: "test"; "val" t
                                             # (its outputs and README markers end in _val)
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
 update_readme = True                        # write the main table into README.md between the markers
+examples_dir = "denoising_examples"         # where the JSON and the comparison figure go
+plots_dir = "plots"                         # where the PSNR-over-sigma plot goes
 # ---
 
 
@@ -490,10 +492,11 @@ def main():
                "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds, "adapt_loss": adapt_loss,
                "adapt_heldout_fraction": adapt_heldout_fraction,
                "torch_threads": torch.get_num_threads()}
-    paths = [save_json(results, f"denoising_examples/benchmark{tag}.json"),
-             save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, {split} slices"), f"plots/psnr_vs_sigma{tag}.png"),
+    paths = [save_json(results, os.path.join(examples_dir, f"benchmark{tag}.json")),
+             save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, {split} slices"),
+                         os.path.join(plots_dir, f"psnr_vs_sigma{tag}.png")),
              save_figure(plot_comparison(outputs, data, rows, f"{model_noise} noise, sigma {main_sigma}, a {split} slice"),
-                         f"denoising_examples/comparison{tag}.png", dpi=90)]
+                         os.path.join(examples_dir, f"comparison{tag}.png"), dpi=90)]
     markdown = markdown_table(rows, main_sigma, model_noise, len(data[0]), tuned[main_sigma], bfloat16)
     if len(sweep) > 1:
         markdown += "\n\n" + sweep_table(sweep)

@@ -23,8 +23,9 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
                f"--float32_model_paths={model}", "--precision=bfloat16",
                "--adapt_steps=3", "--sigmas=0.03,0.1", "--main_sigma=0.1",
                "--n_realisations=1", "--n_tuning_slices=2", "--ood_scans=test_split:coarse", f"--tsnr_scans={real}",
-               "--gaussian_widths=0.5,1.0", "--nlm_strengths=0.8", "--update_readme=false", cwd=tmp_path)
-    results = json.loads((tmp_path / "denoising_examples" / "benchmark_gaussian.json").read_text())
+               "--gaussian_widths=0.5,1.0", "--nlm_strengths=0.8", "--update_readme=false",
+               "--examples_dir=bench_out", "--plots_dir=bench_plots", cwd=tmp_path)
+    results = json.loads((tmp_path / "bench_out" / "benchmark_gaussian.json").read_text())
     rows = results["sweep"]["0.1"]
     names = list(rows)
     assert names[0] == "noisy input" and names[3] == "BM3D (true sigma)"
@@ -56,8 +57,9 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     assert all(0 <= sigma < 0.03 for sigma in results["reference_sigma"].values())  # a noise-free phantom
     # what the networks were told: 20x18 phantom slices, dense with edges, read about 20% high
     assert results["estimated_sigma"]["test_split:coarse"] == pytest.approx(0.1, rel=0.3)
-    assert (tmp_path / "plots" / "psnr_vs_sigma_gaussian.png").stat().st_size > 10_000
-    assert (tmp_path / "denoising_examples" / "comparison_gaussian.png").stat().st_size > 10_000
+    assert (tmp_path / "bench_plots" / "psnr_vs_sigma_gaussian.png").stat().st_size > 10_000
+    assert (tmp_path / "bench_out" / "comparison_gaussian.png").stat().st_size > 10_000
+    assert not (tmp_path / "denoising_examples").exists() and not (tmp_path / "plots").exists()
     tsnr = results["tsnr"][str(real)]
     assert tsnr["shape"] == [40, 36, 3, 6] and 0.02 < tsnr["estimated_sigma"] < 0.1
     assert tsnr["median_tsnr"]["BM3D (true sigma)"] > 1.5 * tsnr["median_tsnr"]["noisy input"]
