@@ -1,5 +1,6 @@
 """What every script needs: command-line overrides, checked NIfTI reading and atomic writing,
 intensity normalisation, synthetic noise, foreground masks and image-quality metrics."""
+import gzip
 import importlib.resources
 import json
 import math
@@ -216,6 +217,7 @@ def load_nifti(path):
     if stored.kind == "c" or stored.names:  # a cast to float32 would drop the imaginary part, or fail
         raise InputError(f"{path} holds {'complex' if stored.kind == 'c' else 'RGB'} voxels ({stored}); expected "
                          "one real value per voxel (for complex MRI data, save its magnitude image)")
+    check_gzip_intact(path)
     try:
         data, n_not_finite, n_too_large = read_float32(image)
     except (EOFError, OSError, zlib.error, ValueError) as error:
@@ -227,8 +229,27 @@ def load_nifti(path):
     if n_too_large:
         raise InputError(f"{path} contains {n_too_large} values beyond float32's range (+-3.4e38); rescale the image")
     if not np.any(data):
+        if np.any(np.asanyarray(image.dataobj)):  # float64 values too small for float32 all became 0
+            raise InputError(f"{path}: every value is below float32's smallest (about 1e-45) and reads as 0; "
+                             "rescale the image")
         raise InputError(f"{path} is empty: every voxel is zero")
     return image, data
+
+
+def check_gzip_intact(path, chunk_bytes=16 * 2**20):
+    """Decompress a gzipped file to its end, so that gzip checks its CRC and length: nibabel reads only the
+    voxels' bytes and stops before that check, so a .nii.gz with damaged bytes or its last bytes cut off would
+    load with wrong voxels."""
+    with open(path, "rb") as raw:
+        if raw.read(2) != b"\x1f\x8b":  # gzip's magic number
+            return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(chunk_bytes):
+                pass
+    except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"{path} is damaged or truncated: its gzip data fail gzip's own check "
+                         f"({type(error).__name__}: {error})".splitlines()[0]) from None
 
 
 def read_float32(image, chunk_bytes=8 * 2**20):

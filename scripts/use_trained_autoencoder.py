@@ -51,6 +51,7 @@ precision = "auto"       # "auto": the convolutions in bfloat16 on a CPU that co
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTLIER_RANGE = (-1.0, 3.0)  # on the [0, 1] scale of the 1st-99th percentiles: beyond it a voxel is no tissue
 MASKED_FRACTION = 0.1    # a magnitude image with at least this share of masked_background has one
+OUTLIER_WARN_FRACTION = 0.001  # more voxels than this beyond OUTLIER_RANGE are no spikes (0 in nibabel's real scans)
 MIN_ADAPT_SIZE = 8       # pixels: the adaptation's patches and held-out checks need slices at least this wide
 SMALL_SLICE = 32         # pixels: in slices narrower than this the noise estimate reads much of the anatomy as noise
 MAX_NOISE_SIGMA = 1.0    # a noise_sigma as large as the scan's range is no noise level: most likely one in scanner units
@@ -344,6 +345,12 @@ def denoise_nifti(model, metadata, bfloat16):
         print(f"note: slices of {view.shape[0]}x{view.shape[1]} are small, and the noise estimate reads part of "
               "their anatomy as noise (17x21 slices: up to 20% high in the benchmark); give --noise_sigma if you "
               "know it")
+    beyond_range = np.mean(outlier_voxels(normalise(even_subsample(data), low, high)))
+    if beyond_range > OUTLIER_WARN_FRACTION:
+        print(f"warning: {100 * beyond_range:.1f}% of the voxels of {input_path} lie beyond its 1st-99th percentile "
+              "range (below -1 or above 3 on that scale) and go through unchanged as spikes would: the percentiles "
+              "probably lie in a large noisy background around a small object; crop the scan to the object, or "
+              "set its background to 0")
     sigma_low, sigma_high = trained_sigma_range(metadata)
     if sigma and not sigma_low <= sigma <= sigma_high:  # sigma 0 was warned about above
         print(f"warning: noise sigma {sigma:.4f} lies outside what {os.path.basename(model_path)} was trained for "

@@ -312,6 +312,14 @@ def write_bad_input(kind, folder):
         write_nifti(path, noisy_phantom((40, 36, 12, 3))[1])
         whole = path.read_bytes()
         path.write_bytes(whole[:len(whole) // 2])
+    elif kind in ("damaged_gz", "cut_gz_trailer"):  # nibabel alone reads both without complaint
+        write_nifti(path, noisy_phantom((40, 36, 12, 3))[1])
+        whole = bytearray(path.read_bytes())
+        if kind == "damaged_gz":
+            whole[len(whole) // 2] ^= 0xFF
+        path.write_bytes(bytes(whole[:-4] if kind == "cut_gz_trailer" else whole))
+    elif kind == "underflow":  # float64 values that float32 cannot hold: all read as 0
+        write_nifti(path, volume.astype(np.float64) * 1e-60, dtype=np.float64)
     elif kind == "truncated_nii":  # uncompressed: read another way than a .gz
         path = folder / "truncated_nii.nii"
         write_nifti(path, noisy_phantom((40, 36, 12, 3))[1])
@@ -337,6 +345,9 @@ def write_bad_input(kind, folder):
     ("rgb", "holds RGB voxels"),
     ("truncated", "truncated"),
     ("truncated_nii", "truncated"),
+    ("damaged_gz", "is damaged or truncated"),
+    ("cut_gz_trailer", "is damaged or truncated"),
+    ("underflow", "below float32's smallest"),
     ("pair", "is a NIfTI .hdr/.img pair; give a single .nii or .nii.gz"),
     ("par", "is a PARRECImage, not a NIfTI file"),
 ])
@@ -432,6 +443,23 @@ def test_a_spike_stays_where_it_is_and_a_masked_magnitude_background_stays_zero(
     assert np.abs(spiky_out[near] - plain[near]).max() < 0.01 * magnitude.max()
     assert plain.min() >= 0 and not plain[:, :8].any()
     assert np.all(plain[pinholes] > 0.05 * magnitude.max())  # the single zeros were denoised, not kept
+
+
+def test_a_small_object_in_a_large_noisy_field_of_view_is_warned_about(tmp_path):
+    """When the 1st-99th percentiles both lie in a noisy background, the object sits far above that range and
+    would pass through undenoised as spikes do: the tool says so and what to do. A head that fills the image,
+    with one spike, gets no such warning."""
+    rows, columns = np.mgrid[:96, :96]
+    disc = (rows - 48) ** 2 + (columns - 48) ** 2 < 4 ** 2  # 0.5% of the voxels
+    clean = np.repeat(np.where(disc, 1000.0, 0.0)[:, :, None], 4, axis=2)
+    draws = np.random.default_rng(0).standard_normal((2, *clean.shape))
+    small = write_nifti(tmp_path / "small.nii.gz", np.hypot(clean + 30 * draws[0], 30 * draws[1]))
+    head = noisy_phantom((40, 36, 4))[1]
+    head[20, 18, 2] = 1e6 * head.max()
+    head = write_nifti(tmp_path / "head.nii.gz", head)
+    warned = denoise(DEFAULT_MODEL, small, tmp_path / "small_out.nii.gz").stdout
+    assert "of the voxels" in warned and "crop the scan to the object" in warned
+    assert "crop the scan" not in denoise(DEFAULT_MODEL, head, tmp_path / "head_out.nii.gz").stdout
 
 
 FAST_MODEL = "trained_models/autoencoder_shufflenet_blind_unclipped_200epochs_672images.pt"  # README's fast choice
