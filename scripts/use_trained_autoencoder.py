@@ -51,6 +51,7 @@ precision = "auto"       # "auto": the convolutions in bfloat16 on a CPU that co
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTLIER_RANGE = (-1.0, 3.0)  # on the [0, 1] scale of the 1st-99th percentiles: beyond it a voxel is no tissue
 MASKED_FRACTION = 0.1    # a magnitude image with at least this share of masked_background has one
+THICK_AXIS_RATIO = 2.0   # voxels this much thicker along another axis than along --axis get a note
 OUTLIER_WARN_FRACTION = 0.001  # more voxels than this beyond OUTLIER_RANGE are no spikes (0 in nibabel's real scans)
 MIN_ADAPT_SIZE = 8       # pixels: the adaptation's patches and held-out checks need slices at least this wide
 SMALL_SLICE = 32         # pixels: in slices narrower than this the noise estimate reads much of the anatomy as noise
@@ -323,6 +324,16 @@ def plot_report(data, denoised, low, high, sigma, voxel_sizes):
     return figure
 
 
+def note_thick_axis(voxel_sizes):
+    """Print a note when the voxels are clearly thickest along an axis other than --axis: the scanner's slices
+    (fine in-plane, thick across) are then not the ones being denoised, and the network sees stretched anatomy."""
+    thickest = int(np.argmax(voxel_sizes))
+    if thickest != axis and voxel_sizes[thickest] > THICK_AXIS_RATIO * voxel_sizes[axis]:
+        sizes = " x ".join(f"{size:g}" for size in voxel_sizes)
+        print(f"note: voxel sizes {sizes}, thickest along axis {thickest}: slices across it (--axis={thickest}) "
+              f"are probably the scanner's, rather than those across axis {axis}")
+
+
 def denoise_nifti(model, metadata, bfloat16):
     check_paths()
     image, data = load_nifti(input_path)
@@ -330,6 +341,7 @@ def denoise_nifti(model, metadata, bfloat16):
     norm = metadata["normalisation"]
     low, high = percentile_range(even_subsample(data), norm["low_percentile"], norm["high_percentile"])
     view = slices_view(data)
+    note_thick_axis(image.header.get_zooms()[:3])
     magnitude = is_magnitude_image(data)
     estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude)
     sigma = noise_sigma or estimated

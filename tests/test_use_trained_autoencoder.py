@@ -462,6 +462,15 @@ def test_a_small_object_in_a_large_noisy_field_of_view_is_warned_about(tmp_path)
     assert "crop the scan" not in denoise(DEFAULT_MODEL, head, tmp_path / "head_out.nii.gz").stdout
 
 
+def test_slices_across_a_thin_axis_of_thick_voxels_get_a_note(tmp_path):
+    """A scan stored with its thick-slice axis first: the default --axis=2 would denoise stretched anatomy."""
+    volume = np.moveaxis(noisy_phantom((40, 36, 6))[1], 2, 0)  # 6 x 40 x 36
+    scan = write_nifti(tmp_path / "thick_first.nii.gz", volume, affine=np.diag([5.0, 0.5, 0.5, 1.0]))
+    noted = denoise(DEFAULT_MODEL, scan, tmp_path / "out2.nii.gz").stdout
+    assert "voxel sizes 5 x 0.5 x 0.5, thickest along axis 0: slices across it (--axis=0)" in noted
+    assert "voxel sizes" not in denoise(DEFAULT_MODEL, scan, tmp_path / "out0.nii.gz", "--axis=0").stdout
+
+
 FAST_MODEL = "trained_models/autoencoder_shufflenet_blind_unclipped_200epochs_672images.pt"  # README's fast choice
 
 
