@@ -151,10 +151,10 @@ def even_subsample(data, max_samples=2_000_000):
     return data.ravel(order="K")[::step]
 
 
-def is_magnitude_image(data):
-    """Whether a scan is a magnitude image (nearly no negative voxel), whose dark background holds Rayleigh,
-    not Gaussian, noise."""
-    return bool(np.mean(even_subsample(data) < 0) <= MAGNITUDE_NEGATIVE_SHARE)
+def is_magnitude_image(samples):
+    """Whether a scan, from an even subsample of its voxels, is a magnitude image (nearly no negative voxel), whose
+    dark background holds Rayleigh, not Gaussian, noise."""
+    return bool(np.mean(samples < 0) <= MAGNITUDE_NEGATIVE_SHARE)
 
 
 def slices_view(data):
@@ -339,10 +339,11 @@ def denoise_nifti(model, metadata, bfloat16):
     image, data = load_nifti(input_path)
     data = data.reshape(data.shape[:4])
     norm = metadata["normalisation"]
-    low, high = percentile_range(even_subsample(data), norm["low_percentile"], norm["high_percentile"])
+    samples = even_subsample(data)
+    low, high = percentile_range(samples, norm["low_percentile"], norm["high_percentile"])
     view = slices_view(data)
     note_thick_axis(image.header.get_zooms()[:3])
-    magnitude = is_magnitude_image(data)
+    magnitude = is_magnitude_image(samples)
     estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude)
     sigma = noise_sigma or estimated
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
@@ -357,7 +358,7 @@ def denoise_nifti(model, metadata, bfloat16):
         print(f"note: slices of {view.shape[0]}x{view.shape[1]} are small, and the noise estimate reads part of "
               "their anatomy as noise (17x21 slices: up to 20% high in the benchmark); give --noise_sigma if you "
               "know it")
-    beyond_range = np.mean(outlier_voxels(normalise(even_subsample(data), low, high)))
+    beyond_range = np.mean(outlier_voxels(normalise(samples, low, high)))
     if beyond_range > OUTLIER_WARN_FRACTION:
         print(f"warning: {100 * beyond_range:.1f}% of the voxels of {input_path} lie beyond its 1st-99th percentile "
               "range (below -1 or above 3 on that scale) and go through unchanged as spikes would: the percentiles "
