@@ -472,8 +472,8 @@ def test_slices_across_a_thin_axis_of_thick_voxels_get_a_note(tmp_path):
 
 
 FAST_MODEL = "trained_models/autoencoder_shufflenet_blind_unclipped_200epochs_672images.pt"  # README's fast choice
-FLAT_MODEL = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_deadleaves_200epochs_672images.pt"  # README's
-                                                                                  # choice for flat objects
+# the README's choice for a flat object, such as a phantom, without adaptation
+FLAT_MODEL = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_deadleaves_200epochs_672images.pt"
 
 
 def test_the_default_keeps_the_intensity_of_tissue_brighter_than_the_99th_percentile(tmp_path):
