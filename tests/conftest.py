@@ -56,8 +56,6 @@ def phantom_volume(shape, seed=0):
     return volume + rng.normal(0, 5, volume.shape).astype(np.float32)
 
 
-
-
 def write_nifti(path, data, dtype=np.float32, affine=None):
     affine = np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine
     image = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
