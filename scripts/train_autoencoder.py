@@ -51,6 +51,7 @@ zoom_range = []                # resample each clean image by a random factor in
 gamma_range = []               # raise each clean image to a random power in [low, high]: other contrasts
 synthetic_fraction = 0.0       # share of training images replaced by a fresh dead-leaves image (dead_leaves_image):
                                # flat regions, sharp edges and every scale, which one training scan lacks
+synthetic_dark_fraction = 0.0  # share of the dead-leaves discs at zero signal, like air or bone in a scan
 loss_weighting = "none"        # "none": plain MSE; "inverse_variance": each image's MSE divided by its noise
                                # sigma^2, so low noise levels count as much in the loss as they do in PSNR
 precision = "float32"          # "bfloat16": the forward pass in bfloat16 (weights, gradients and loss stay float32):
@@ -118,6 +119,8 @@ def check_settings(world_size):
         problems.append(f"synthetic_fraction={synthetic_fraction}; expected 0 to 1")
     elif synthetic_fraction and not (training_target == "clean" and fresh_noise):
         problems.append("synthetic_fraction makes clean images, so it needs training_target=clean and fresh_noise")
+    if not 0 <= synthetic_dark_fraction <= 1:
+        problems.append(f"synthetic_dark_fraction={synthetic_dark_fraction}; expected 0 to 1")
     if noise_sigma_range and not fresh_noise:
         problems.append("noise_sigma_range needs fresh_noise: the fixed noise in the dataset has one sigma")
     if loss_weighting not in ("none", "inverse_variance"):
@@ -175,7 +178,7 @@ def sample_rng(epoch, index):
     return np.random.default_rng([seed, epoch, index])
 
 
-def dead_leaves_image(shape, rng, n_discs=300, min_radius=1.5):
+def dead_leaves_image(shape, rng, n_discs=300, min_radius=1.5, dark_fraction=0.0):
     """A synthetic clean image (H, W) in [0, 1]: the dead-leaves model (Lee, Mumford & Huang 2001; as
     training data for denoisers, Achddou et al. 2021). Opaque discs of random grey level lie one over
     another (the first drawn on top); radii have density proportional to r^-3 between min_radius and half
@@ -187,6 +190,8 @@ def dead_leaves_image(shape, rng, n_discs=300, min_radius=1.5):
     radii = (min_radius ** -2 - uniform * (min_radius ** -2 - max_radius ** -2)) ** -0.5  # inverse of the r^-3 CDF
     centre_rows, centre_columns = rng.uniform(0, height, n_discs), rng.uniform(0, width, n_discs)
     greys = rng.random(n_discs + 1)
+    if dark_fraction:
+        greys[rng.random(n_discs + 1) < dark_fraction] = 0
     image = np.full(shape, greys[-1])
     rows, columns = np.ogrid[:height, :width]
     for radius, row, column, grey in zip(radii[::-1], centre_rows[::-1], centre_columns[::-1], greys[-2::-1]):
@@ -204,7 +209,8 @@ def make_training_pair(images, epoch, index, train_sigma, train_noise_model):
     rng = sample_rng(epoch, index)
     if synthetic_fraction and rng.random() < synthetic_fraction:
         height, width = images[0].shape
-        images = [dead_leaves_image((min(patch_size, height), min(patch_size, width)) if patch_size else (height, width), rng)]
+        shape = (min(patch_size, height), min(patch_size, width)) if patch_size else (height, width)
+        images = [dead_leaves_image(shape, rng, dark_fraction=synthetic_dark_fraction)]
     if zoom_range:  # only the clean image: its noisy copies are made below
         factor = max(rng.uniform(*zoom_range), patch_size / min(images[0].shape))  # still holds a whole patch
         images = [np.clip(ndimage.zoom(images[0], factor, order=3, mode="mirror"), 0, None)]
@@ -327,7 +333,8 @@ def resume_settings(run_data):
             "learning_rate": learning_rate, "lr_schedule": lr_schedule, "fresh_noise": fresh_noise,
             "noise_sigma_range": list(noise_sigma_range), "patch_size": patch_size, "augment": augment,
             "training_target": training_target, "zoom_range": list(zoom_range), "gamma_range": list(gamma_range),
-            "loss_weighting": loss_weighting, "synthetic_fraction": synthetic_fraction, "precision": precision,
+            "loss_weighting": loss_weighting, "synthetic_fraction": synthetic_fraction,
+            "synthetic_dark_fraction": synthetic_dark_fraction, "precision": precision,
             **run_data}
 
 

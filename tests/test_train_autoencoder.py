@@ -93,6 +93,7 @@ def test_bad_command_line_is_a_one_line_error(tmp_path, tiny_dataset, override, 
     ("--loss_weighting=log", "loss_weighting='log'"),
     ("--noise_sigma_range=0.02,0.1 --fresh_noise=false", "needs fresh_noise"),
     ("--synthetic_fraction=1.5", "synthetic_fraction=1.5"),
+    ("--synthetic_dark_fraction=-0.1", "synthetic_dark_fraction=-0.1"),
     ("--learning_rate=nan", "learning_rate=nan"),
     ("--noise_model=rician", "holds gaussian noise, on which validation would run"),
     ("--synthetic_fraction=0.5 --training_target=recorrupted", "needs training_target=clean"),
@@ -147,13 +148,23 @@ def test_synthetic_images_replace_the_scan_and_have_flat_regions_and_edges(monke
     steps = np.abs(np.diff(image, axis=1))
     assert np.mean(steps < 0.01) > 0.3 and np.mean(steps > 0.1) > 0.01
     assert not np.allclose(image, train_autoencoder.dead_leaves_image((64, 64), np.random.default_rng(2)))
+    dark = train_autoencoder.dead_leaves_image((64, 64), np.random.default_rng(1), dark_fraction=0.5)
+    assert np.mean(image < 1e-3) < 0.01 and np.mean(dark < 1e-3) > 0.1  # zero-signal regions only when asked
+
+
+def test_no_dark_discs_draws_the_same_images_as_before_dark_discs_existed():
+    """The shipped dead-leaves network's command (no dark discs) must still make the images it was trained on."""
+    import train_autoencoder
+    image = train_autoencoder.dead_leaves_image((48, 40), np.random.default_rng(7))
+    assert image.shape == (48, 40) and round(float(image.sum()), 3) == 1212.292  # the sum before that change
 
 
 def test_synthetic_fraction_trains_and_is_recorded(tmp_path, tiny_dataset):
     train(tmp_path, tiny_dataset, "--n_epochs=1", "--arch=shufflenet", '--arch_args={"depth": 2, "width": 8}',
-          "--patch_size=16", "--augment", "--synthetic_fraction=0.5", "--noise_sigma_range=0.02,0.1")
+          "--patch_size=16", "--augment", "--synthetic_fraction=0.5", "--synthetic_dark_fraction=0.2", "--noise_sigma_range=0.02,0.1")
     checkpoint = next((tmp_path / "models").glob("*[0-9]images.pt"))
-    assert torch.load(checkpoint, weights_only=True)["metadata"]["training_settings"]["synthetic_fraction"] == 0.5
+    settings = torch.load(checkpoint, weights_only=True)["metadata"]["training_settings"]
+    assert settings["synthetic_fraction"] == 0.5 and settings["synthetic_dark_fraction"] == 0.2
 
 
 def test_bfloat16_training_learns_and_is_recorded(tmp_path, tiny_dataset):
