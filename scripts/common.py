@@ -362,13 +362,32 @@ def keeps_rician_floor(metadata):
     return metadata["noise_model"] != "rician"
 
 
+def rician_mean(signal_in_sigmas):
+    """Mean of the magnitude of a signal A plus complex Gaussian noise of sigma, in sigmas, given A in sigmas:
+    sqrt(pi/2) L_1/2(-A^2 / 2) (Gudbjartsson & Patz 1995), with Bessel functions scaled by exp(-A^2 / 4) so that
+    large A does not overflow. 1.25 at A = 0, approaching sqrt(A^2 + 1) as A grows."""
+    from scipy.special import i0e, i1e
+    half_square = np.square(signal_in_sigmas) / 2
+    return np.sqrt(np.pi / 2) * ((1 + half_square) * i0e(half_square / 2) + half_square * i1e(half_square / 2))
+
+
+RICIAN_TABLE_SIGNAL = np.linspace(0, 20, 4001)  # in sigmas; above 20 sqrt(x^2 - 1) is exact to 1e-4 sigma
+RICIAN_TABLE_MEAN = rician_mean(RICIAN_TABLE_SIGNAL)
+
+
 def remove_rician_floor(denoised, noise_sigma):
-    """A magnitude image's Rician noise lifts its mean above the signal A, to about sqrt(A^2 + sigma^2) where A
-    is a few sigma or more (its second moment is exactly A^2 + 2 sigma^2; Gudbjartsson & Patz 1995). BM3D and a
-    network trained on Gaussian noise keep that floor; this takes it out of their output: sqrt(max(x^2 -
-    sigma^2, 0)), in units whose 0 is no signal. It moves tissue little (0.003 at A = 0.3, sigma = 0.045) and
-    the dark background most (1.25 sigma, the mean of pure magnitude noise, becomes 0.75 sigma)."""
-    return np.sqrt(np.maximum(np.square(denoised) - noise_sigma ** 2, 0)).astype(np.float32)
+    """A magnitude image's Rician noise lifts its mean above the signal A (to 1.25 sigma where A = 0, to about
+    sqrt(A^2 + sigma^2) where A is a few sigma). BM3D and a network trained on Gaussian noise keep that mean;
+    this takes the floor out of their output by inverting the exact mean (rician_mean): a background of pure
+    noise goes to 0, tissue moves little (0.003 at A = 0.3, sigma = 0.045). Values at or below the mean of
+    pure noise become 0; the scale's 0 must be no signal."""
+    if noise_sigma <= 0:
+        return np.asarray(denoised, dtype=np.float32)
+    in_sigmas = np.asarray(denoised, dtype=np.float64) / noise_sigma
+    beyond_table = np.sqrt(np.maximum(np.square(in_sigmas) - 1, 0))
+    signal = np.where(in_sigmas < RICIAN_TABLE_MEAN[-1], np.interp(in_sigmas, RICIAN_TABLE_MEAN, RICIAN_TABLE_SIGNAL),
+                      beyond_table)
+    return (signal * noise_sigma).astype(np.float32)
 
 
 RECORRUPTION_ALPHA = 0.5  # Pang et al. use 0.5: the input gets 12% more noise, the target 2.2x the noise
