@@ -16,7 +16,8 @@ from skimage.filters import threshold_otsu
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 BUNDLED_SCAN = str(importlib.resources.files("nibabel") / "tests" / "data" / "example4d.nii.gz")
-DEFAULT_MODEL = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_darkleaves_200epochs_672images.pt"  # the scripts' default
+# the scripts' default network
+DEFAULT_MODEL = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_darkleaves_200epochs_672images.pt"
 
 
 class InputError(Exception):

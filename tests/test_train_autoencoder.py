@@ -161,7 +161,8 @@ def test_no_dark_discs_draws_the_same_images_as_before_dark_discs_existed():
 
 def test_synthetic_fraction_trains_and_is_recorded(tmp_path, tiny_dataset):
     train(tmp_path, tiny_dataset, "--n_epochs=1", "--arch=shufflenet", '--arch_args={"depth": 2, "width": 8}',
-          "--patch_size=16", "--augment", "--synthetic_fraction=0.5", "--synthetic_dark_fraction=0.2", "--noise_sigma_range=0.02,0.1")
+          "--patch_size=16", "--augment", "--synthetic_fraction=0.5", "--synthetic_dark_fraction=0.2",
+          "--noise_sigma_range=0.02,0.1")
     checkpoint = next((tmp_path / "models").glob("*[0-9]images.pt"))
     settings = torch.load(checkpoint, weights_only=True)["metadata"]["training_settings"]
     assert settings["synthetic_fraction"] == 0.5 and settings["synthetic_dark_fraction"] == 0.2
