@@ -564,6 +564,13 @@ def test_remove_rician_floor_recovers_the_signal_under_the_mean_of_rician_noise(
         assert remove_rician_floor(mean, 0.06) == pytest.approx(signal, abs=0.006)  # sqrt(x^2 - sigma^2): 0.045 at 0
 
 
+def test_remove_rician_floor_inverts_the_exact_mean_inside_and_beyond_its_table():
+    from common import remove_rician_floor, rician_mean
+    signal_in_sigmas = np.array([0, 0.02, 0.3, 1, 3, 10, 19.9, 20.1, 40])  # its table ends at 20 sigma
+    means = (rician_mean(signal_in_sigmas) * 0.05).astype(np.float32)
+    np.testing.assert_allclose(remove_rician_floor(means, 0.05), signal_in_sigmas * 0.05, rtol=1e-4, atol=2e-5)
+
+
 def test_a_spike_does_not_steer_the_adaptation(trained, tmp_path):
     """The adaptation and the noise estimate see the slices as the network does, the spike replaced: with the
     spike, the object (where an adapted network is used) once shrank to 0% of the pixels, above the spike's
