@@ -391,7 +391,7 @@ def remove_rician_floor(denoised, noise_sigma):
         return np.asarray(denoised, dtype=np.float32)
     in_sigmas = np.asarray(denoised, dtype=np.float32) / np.float32(noise_sigma)
     position = np.sqrt(np.maximum(in_sigmas - np.float32(RICIAN_FLOOR), 0)) / np.float32(RICIAN_U_STEP)
-    index = np.minimum(position.astype(np.int64), len(RICIAN_SIGNAL_AT_U) - 2)
+    index = np.clip(position.astype(np.int64), 0, len(RICIAN_SIGNAL_AT_U) - 2)  # a NaN stays NaN, not an IndexError
     weight = position - index
     signal = (1 - weight) * RICIAN_SIGNAL_AT_U[index] + weight * RICIAN_SIGNAL_AT_U[index + 1]
     beyond_table = position > len(RICIAN_SIGNAL_AT_U) - 1
