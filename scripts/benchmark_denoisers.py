@@ -112,7 +112,7 @@ def network_method(model, metadata, bfloat16, adapt=False, given_sigma=None, sel
         else:
             denoised, denoise.adaptation = denoise_with_adaptation(  # .adaptation is read by score()
                 model, noisy, sigma, adapt_steps, adapt_seconds, batch_size, self_ensemble, bfloat16, loss=adapt_loss,
-                heldout_fraction=adapt_heldout_fraction)
+                heldout_fraction=adapt_heldout_fraction, magnitude=rician)
         return remove_rician_floor(denoised, sigma) if remove_floor else denoised
     return denoise
 

@@ -197,6 +197,7 @@ def load_nifti(path):
     """Load a 3D or 4D NIfTI and check it. Returns (image, data) with data float32 (X, Y, Z[, T])."""
     path = str(path)
     check_file_exists(path)
+    check_compression_matches_name(path)
     try:
         image = nib.load(path)  # finds the format; reads only the header
     except Exception as error:  # nibabel raises many types for a file that is not an image
@@ -235,6 +236,22 @@ def load_nifti(path):
                              "rescale the image")
         raise InputError(f"{path} is empty: every voxel is zero")
     return image, data
+
+
+NIFTI_HEADER_SIZES = (348, 540)  # sizeof_hdr, the first 4 bytes of a NIfTI-1 and a NIfTI-2 header
+
+
+def check_compression_matches_name(path):
+    """nibabel decides from the name whether to decompress: a NIfTI whose name says otherwise would be
+    reported as no NIfTI at all."""
+    with open(path, "rb") as raw:
+        start = raw.read(4)
+    gzipped = start[:2] == b"\x1f\x8b"  # gzip's magic number
+    if path.endswith(".nii") and gzipped:
+        raise InputError(f"{path} is gzip-compressed but named .nii; rename it to .nii.gz")
+    if path.endswith(".nii.gz") and not gzipped and len(start) == 4 and any(
+            int.from_bytes(start, order) in NIFTI_HEADER_SIZES for order in ("little", "big")):
+        raise InputError(f"{path} is an uncompressed NIfTI but named .nii.gz; rename it to .nii")
 
 
 def check_gzip_intact(path, chunk_bytes=16 * 2**20):
@@ -828,21 +845,35 @@ def recorrupted_pixel_errors(model, noisy_slices, noise_sigma, heldout, n_draws=
 
 
 ADAPTATION_LOSSES = ("recorrupted", "neighbor2neighbor")
+CLEAR_GAIN = 2.0  # standard errors
+
+
+def keeps_adaptation(masked_z, recorrupted_z, magnitude=False):
+    """Whether an adapted network is kept, from its gains over the trained one on held-out pixels, in standard
+    errors. recorrupted_pixel_errors scores whole images as they are used, so it must show a clear gain, but
+    assumes Gaussian noise of the given sigma. masked_pixel_errors assumes only noise independent from pixel to
+    pixel, but scores the network on inputs whose held-out pixels are replaced by their neighbours' mean, far
+    from how it is used where neighbouring pixels differ much, and there misses real gains (README,
+    "Adaptation"): for Gaussian noise it only vetoes, when it shows a clear loss. A magnitude image's noise is
+    Rician, far from Gaussian where the signal is low, which can fool the recorrupted check: there both checks
+    must show a clear gain."""
+    if magnitude:
+        return recorrupted_z > CLEAR_GAIN and masked_z > CLEAR_GAIN
+    return recorrupted_z > CLEAR_GAIN and masked_z > -CLEAR_GAIN
 
 
 def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, learning_rate=1e-4,
-                    batch_size=8, patch_size=64, heldout_fraction=0.1, seed=0, loss="recorrupted"):
+                    batch_size=8, patch_size=64, heldout_fraction=0.1, seed=0, loss="recorrupted", magnitude=False):
     """Fine-tune a copy of `model` on a scan's own noisy slices (n, H, W), [0, 1] scale, for n_steps or
     max_seconds, with a self-supervised loss: "recorrupted" (Recorrupted-to-Recorrupted at full
     resolution, needs the noise sigma) or "neighbor2neighbor" (half-resolution sub-images). A random
     tenth of the pixels is held out of the loss (for neighbor2neighbor, the 2x2 cells holding them).
     The adapted copy is meant for the object only (object_region of the original's output, see
     denoise_adapted): a background is mostly noise, which the trained network had learnt to flatten and an
-    adaptation to noisy data flattens less. So the held-out pixels lie in the object, and the copy is kept only
-    if two estimates of its error there are both lower than the original's by more than twice their standard
-    error: masked_pixel_errors, which can favour over-smoothing (it hides the pixel), and
-    recorrupted_pixel_errors, which scores whole images as they are used but assumes Gaussian noise.
-    Returns (the model to use, a dict describing what happened, with the object's threshold)."""
+    adaptation to noisy data flattens less. So the held-out pixels lie in the object, where two estimates of
+    the copy's error decide whether it is kept (keeps_adaptation; magnitude: the slices are of a magnitude
+    image, with Rician noise). Returns (the model to use, a dict describing
+    what happened, with the object's threshold)."""
     import copy
     import time
 
@@ -902,7 +933,7 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
                                                              seed=seed + 1)  # not the training's draws
     masked_z, recorrupted_z = (float(g.mean() / max(g.std() / np.sqrt(g.size), 1e-12)) if g.size else 0.0
                                for g in (masked_gain, recorrupted_gain))  # gains in standard errors
-    kept = masked_z > 2 and recorrupted_z > 2
+    kept = keeps_adaptation(masked_z, recorrupted_z, magnitude)
     info = {"loss": loss, "steps": steps, "seconds": train_seconds,
             "check_seconds": time.perf_counter() - called - train_seconds,
             "object_threshold": threshold, "object_fraction": float(region.mean()),

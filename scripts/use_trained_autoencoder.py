@@ -136,8 +136,10 @@ def check_paths():
                          "units divided by that range")
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size}; expected 1 or more")
-    if report and os.path.exists(report_path()) and not overwrite:
-        raise InputError(f"{report_path()} exists; choose another output name or pass --overwrite")
+    if report:
+        check_output_path(report_path(), "file for the report")
+        if os.path.exists(report_path()) and not overwrite:
+            raise InputError(f"{report_path()} exists; choose another output name or pass --overwrite")
 
 
 def report_path():
@@ -202,20 +204,22 @@ def masked_background(batch):
     return ndimage.binary_opening(batch == 0, structure=np.ones((1, 3, 3), dtype=bool))
 
 
-def adapt_model(model, view, low, high, sigma):
+def adapt_model(model, view, low, high, sigma, magnitude):
     """The network fine-tuned on this input's own slices (or the original when that does not help) and the
     threshold of the object, where the fine-tuned network is used (common.denoise_adapted)."""
     if min(view.shape[:2]) < MIN_ADAPT_SIZE:
         raise InputError(f"{input_path}: slices of {view.shape[0]}x{view.shape[1]} across axis {axis} are too small "
                          f"to adapt on (at least {MIN_ADAPT_SIZE}x{MIN_ADAPT_SIZE}); leave --adapt_steps at 0")
     adapted, info = adapt_to_slices(model, sample_slices(view, low, high, 64), sigma, adapt_steps, adapt_seconds,
-                                    loss=adapt_loss, heldout_fraction=adapt_heldout_fraction)
+                                    loss=adapt_loss, heldout_fraction=adapt_heldout_fraction, magnitude=magnitude)
+    needed = "more than 2 needed in a magnitude image" if magnitude else "more than -2 needed"
     verdict = "kept" if info["kept"] else "discarded: no clear gain on held-out pixels, using the trained network"
     print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s (and {info['check_seconds']:.0f} s of "
           f"checks), held-out self-supervised error "
           f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e} "
-          f"({info['heldout_gain_z']:.1f} standard errors lower; recorrupted check {info['recorrupted_gain_z']:.1f}; "
-          f"2 needed in both, checked in the object: {100 * info['object_fraction']:.0f}% of the pixels); {verdict}")
+          f"({info['heldout_gain_z']:.1f} standard errors lower, {needed}; recorrupted check "
+          f"{info['recorrupted_gain_z']:.1f}, more than 2 needed; checked in the object: "
+          f"{100 * info['object_fraction']:.0f}% of the pixels); {verdict}")
     return adapted, info["object_threshold"]
 
 
@@ -255,8 +259,9 @@ def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low,
             progress.update(len(ks))
 
 
-def output_image(image, denoised, model_name):
-    """A NIfTI of the input's class with the input's affine and header, holding `denoised`."""
+def output_image(image, denoised, model_name, provenance):
+    """A NIfTI of the input's class with the input's affine and header, holding `denoised`; its description
+    (80 bytes at most) begins with the model's name, a comment extension says in full how it was made."""
     header = image.header.copy()
     out_dtype = denoised.dtype
     if dtype == "input":
@@ -273,6 +278,7 @@ def output_image(image, denoised, model_name):
         header.set_slope_inter(1.0, 0.0)  # the float32 values are the intensities themselves
     method = "mri-denoise self-ensemble" if self_ensemble else "denoised by mri-denoise"  # 80 bytes at most
     header["descrip"] = f"{method} {model_name}"[:79].encode()
+    header.extensions.append(nib.nifti1.Nifti1Extension("comment", provenance.encode()))
     return type(image)(denoised.reshape(image.shape), image.affine, header)
 
 
@@ -284,14 +290,15 @@ def plot_report(data, denoised, low, high, sigma, voxel_sizes):
     across, up = (float(size) for i, size in enumerate(voxel_sizes) if i != axis)  # mm; slices are shown transposed
     pixel_aspect = up / across if across > 0 and up > 0 else 1.0  # a header without voxel sizes: square pixels
     n_slices = view.shape[2]
-    picks = np.linspace(n_slices * 0.25, n_slices * 0.75, 3).astype(int)
+    picks = np.unique(np.linspace(n_slices * 0.25, n_slices * 0.75, 3).astype(int))  # 1 or 2 for thin stacks
     is_4d = data.ndim == 4 and data.shape[3] >= 3  # a temporal SNR needs a few volumes
     n_rows = len(picks) + is_4d
     figure, axes = plt.subplots(n_rows, 3, figsize=(10, 3.2 * n_rows), squeeze=False)
     for row, z in enumerate(picks):
         before, after = view[:, :, z, 0], out_view[:, :, z, 0]
         removed = before - after
-        limit = 3 * sigma * (high - low)
+        # told sigma 0 a noise-map network still changes the image: then the scale is what it removed
+        limit = 3 * sigma * (high - low) or float(np.max(np.abs(removed))) or 1.0
         for column, (image, title, kwargs) in enumerate([
                 (before, f"input, slice {z}", dict(cmap="gray", vmin=low, vmax=high)),
                 (after, "denoised", dict(cmap="gray", vmin=low, vmax=high)),
@@ -303,7 +310,7 @@ def plot_report(data, denoised, low, high, sigma, voxel_sizes):
         tsnr_before, tsnr_after = tsnr_map(data), tsnr_map(denoised)
         # a robust common scale: a near-constant voxel has an enormous tSNR
         vmax = np.percentile(np.concatenate([tsnr_before[head], tsnr_after[head]]), 98)
-        z = picks[1]
+        z = picks[len(picks) // 2]
         head_slice = np.moveaxis(head, axis, 2)[:, :, z]
         for column, (tsnr, name) in enumerate([(tsnr_before, "before"), (tsnr_after, "after")]):
             shown = np.where(head_slice, np.moveaxis(tsnr, axis, 2)[:, :, z], np.nan)
@@ -353,7 +360,7 @@ def denoise_nifti(model, metadata, bfloat16):
           + (f", using {sigma:.4f} as given" if noise_sigma else ""))
     if not noise_sigma and estimated == 0:
         print(f"warning: no noise could be measured in {input_path} (the slices sampled are empty, constant or "
-              "too thin); it is denoised as for sigma 0: give --noise_sigma if you know it")
+              "too thin); the network is told sigma 0: give --noise_sigma if you know it")
     elif not noise_sigma and min(view.shape[:2]) < SMALL_SLICE:
         print(f"note: slices of {view.shape[0]}x{view.shape[1]} are small, and the noise estimate reads part of "
               "their anatomy as noise (17x21 slices: up to 20% high in the benchmark); give --noise_sigma if you "
@@ -369,14 +376,19 @@ def denoise_nifti(model, metadata, bfloat16):
         print(f"warning: noise sigma {sigma:.4f} lies outside what {os.path.basename(model_path)} was trained for "
               f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
               "expect under- or over-smoothing")
-    adapted, object_threshold = adapt_model(model, view, low, high, sigma) if adapt_steps > 0 else (model, None)
+    adapted, object_threshold = adapt_model(model, view, low, high, sigma, magnitude) if adapt_steps > 0 else (model, None)
     masked_zeros = magnitude and np.mean(masked_background(spread_slices(view, 24))) >= MASKED_FRACTION
     floor_sigma = sigma if magnitude and removes_rician_floor(metadata) else 0.0
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16,
                           magnitude, masked_zeros, floor_sigma)
     model_name = os.path.basename(model_path)
-    result = output_image(image, denoised, model_name)
+    adaptation = "none" if adapted is model and not adapt_steps else "kept" if adapted is not model else "discarded"
+    provenance = (f"denoised by mri-denoise with {model_name}" + (", x8 self-ensemble" if self_ensemble else "")
+                  + f"; slices across axis {axis}; noise sigma {sigma:.4f} ({'given' if noise_sigma else 'estimated'})"
+                  f" on the [0, 1] scale of the input's percentiles {low:g} to {high:g}; adaptation: {adaptation}; "
+                  f"Rician floor taken out: {'yes' if floor_sigma else 'no'}")
+    result = output_image(image, denoised, model_name, provenance)
     atomic_write(output_path, lambda tmp: nib.save(result, tmp))
     print(f"denoised image written to {output_path}" + (" (x8 self-ensemble)" if self_ensemble else ""))
     if report:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import (add_noise, adapt_to_slices, denoise_adapted, denoise_slices, neighbour_subsample,
+from common import (add_noise, adapt_to_slices, denoise_adapted, denoise_slices, keeps_adaptation,
+                    neighbour_subsample,
                     neighbor2neighbor_loss, object_region, object_threshold, recorrupt)
 from conftest import phantom_volume, run_script, write_nifti
 from models import build_model
@@ -184,6 +185,21 @@ def test_the_adaptation_is_checked_on_held_out_pixels_of_the_object_only():
     info = adapt_to_slices(model, noisy, 0.03, n_steps=1, max_seconds=30, learning_rate=0.0)[1]
     assert 0.2 < info["object_fraction"] < 0.4  # the disc, radius 10 in 40 x 40, and its 2-pixel margin
     assert info["heldout_pixels"] == pytest.approx(0.1 * info["object_fraction"] * noisy.size, rel=0.2)
+
+
+@pytest.mark.parametrize("masked_z, recorrupted_z, magnitude, kept", [
+    (3.0, 3.0, False, True),     # both see a clear gain
+    (0.5, 3.3, False, True),     # the masked check sees too little to tell (as on 2x coarser voxels), and no loss
+    (-2.5, 5.0, False, False),   # the masked check sees a clear loss: a veto
+    (8.0, 1.5, False, False),    # the whole-image check must see a clear gain
+    (0.0, 0.0, False, False),
+    (3.0, 3.0, True, True),      # Rician noise can fool the recorrupted check: both must see a clear gain
+    (0.5, 3.3, True, False),
+    (3.3, 1.5, True, False),
+])
+def test_an_adaptation_is_kept_on_a_clear_whole_image_gain_that_the_masked_check_does_not_contradict(
+        masked_z, recorrupted_z, magnitude, kept):
+    assert keeps_adaptation(masked_z, recorrupted_z, magnitude) is kept
 
 
 def test_adaptation_that_does_not_help_is_discarded():

@@ -2,6 +2,7 @@
 NIfTI files with the input's geometry, header and intensity units; bad inputs give one clear error."""
 import json
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -168,6 +169,18 @@ def test_the_report_draws_voxels_in_their_proportions(monkeypatch):
     assert [axes.get_aspect() for axes in figure.axes] == [5.0] * 9
 
 
+def test_the_report_shows_what_was_removed_when_told_sigma_0_and_each_slice_of_a_thin_stack_once(monkeypatch):
+    """Told sigma 0, a noise-map network still changes the image: its removed panel once had an empty colour
+    scale (-0 to 0) and showed one flat colour. A stack of 2 slices has 2 rows, not the first drawn 3 times."""
+    import use_trained_autoencoder as tool
+    monkeypatch.setattr(tool, "input_path", "scan.nii.gz")
+    volume = phantom_volume((12, 20, 2))
+    figure = tool.plot_report(volume, 0.9 * volume, 0.0, 800.0, 0.0, (1.0, 1.0, 1.0))
+    removed_panels = [axes for axes in figure.axes if axes.get_title().startswith("removed")]
+    assert len(removed_panels) == 2
+    assert all(axes.images[0].get_clim()[1] > 0 for axes in removed_panels)
+
+
 def test_dtype_input_keeps_the_precision_of_scaled_integers(trained, tmp_path):
     """An int16 input stored with scl_slope (intensities 0..8 here) must not be rounded to whole units."""
     model, _ = trained
@@ -195,6 +208,9 @@ def test_denoising_removes_noise_in_input_units(trained, tmp_path):
     rmse_denoised = np.sqrt(np.mean((values[head] - clean[head]) ** 2))
     assert rmse_denoised < 0.8 * rmse_noisy
     assert model.name in denoised.header["descrip"].tobytes().decode()
+    (comment,) = [e.get_content().decode() for e in denoised.header.extensions if e.get_code() == 6]
+    assert comment.startswith(f"denoised by mri-denoise with {model.name};")  # the whole name, past descrip's 80 bytes
+    assert "(estimated)" in comment and "adaptation: none" in comment
     assert "estimated noise sigma" in result.stdout
 
 
@@ -218,7 +234,10 @@ def test_the_self_ensemble_averages_a_network_trained_on_rotated_patches(trained
     assert "x8 self-ensemble" in result.stdout
     # with adaptation too, and in evaluation mode, where the metrics name and record it
     denoise(model, tmp_path / "scan.nii.gz", tmp_path / "adapted.nii.gz", "--self_ensemble", "--adapt_steps=3")
-    assert nib.load(tmp_path / "adapted.nii.gz").shape == noisy.shape
+    adapted = nib.load(tmp_path / "adapted.nii.gz")
+    assert adapted.shape == noisy.shape
+    (comment,) = [e.get_content().decode() for e in adapted.header.extensions]
+    assert ", x8 self-ensemble;" in comment and ("adaptation: kept" in comment or "adaptation: discarded" in comment)
     run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}", f"--examples_dir={tmp_path}",
                "--self_ensemble")
     metrics = json.loads((tmp_path / f"metrics_{model.stem}_self_ensemble.json").read_text())
@@ -324,6 +343,9 @@ def write_bad_input(kind, folder):
         path = folder / "truncated_nii.nii"
         write_nifti(path, noisy_phantom((40, 36, 12, 3))[1])
         path.write_bytes(path.read_bytes()[:20_000])
+    elif kind in ("plain_named_gz", "gz_named_plain"):  # nibabel goes by the name
+        written = Path(write_nifti(folder / ("scan.nii" if kind == "plain_named_gz" else "scan.nii.gz"), volume))
+        path = written.rename(path if kind == "plain_named_gz" else folder / f"{kind}.nii")
     elif kind == "pair":
         path = folder / "pair.hdr"
         nib.save(nib.Nifti1Pair(volume, np.eye(4)), str(path))
@@ -348,6 +370,8 @@ def write_bad_input(kind, folder):
     ("damaged_gz", "is damaged or truncated"),
     ("cut_gz_trailer", "is damaged or truncated"),
     ("underflow", "below float32's smallest"),
+    ("plain_named_gz", "is an uncompressed NIfTI but named .nii.gz; rename it to .nii"),
+    ("gz_named_plain", "is gzip-compressed but named .nii; rename it to .nii.gz"),
     ("pair", "is a NIfTI .hdr/.img pair; give a single .nii or .nii.gz"),
     ("par", "is a PARRECImage, not a NIfTI file"),
 ])
@@ -374,7 +398,7 @@ def test_a_setting_that_is_not_a_usable_number_is_one_clear_error(trained, tmp_p
     assert not (tmp_path / "out.nii.gz").exists()
 
 
-@pytest.mark.parametrize("where", ["under_a_file", "a_folder", "report_exists"])
+@pytest.mark.parametrize("where", ["under_a_file", "a_folder", "report_exists", "report_a_folder"])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(trained, tmp_path, where):
     model, _ = trained
     scan = write_nifti(tmp_path / "scan.nii.gz", noisy_phantom((20, 18, 6))[1])
@@ -382,9 +406,12 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(trained, tm
         "under_a_file": (tmp_path / "scan.nii.gz" / "out.nii.gz", ["--overwrite"], "is a file, not a folder"),
         "a_folder": (tmp_path / "folder.nii.gz", [], "is a folder; expected a file name"),
         "report_exists": (tmp_path / "out.nii.gz", ["--report"], "out_report.png exists"),
+        "report_a_folder": (tmp_path / "out.nii.gz", ["--report", "--overwrite"], "out_report.png is a folder"),
     }[where]
     if where == "a_folder":
         output.mkdir()
+    if where == "report_a_folder":
+        (tmp_path / "out_report.png").mkdir()
     if where == "report_exists":
         (tmp_path / "out_report.png").write_bytes(b"keep me")
     result = denoise(model, scan, output, *overrides, check=False)
