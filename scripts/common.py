@@ -704,7 +704,7 @@ MAGNITUDE_NEGATIVE_FRACTION = 0.02          # the guess when the caller does not
                                             # 0, Gaussian noise on a dark background about half of that background
 
 
-def slice_noise_sigma(image, magnitude=None):
+def slice_noise_sigma(image, magnitude=None, zero=0.0):
     """Noise sigma of one 2D slice from its finest diagonal wavelet coefficients (Donoho's MAD estimate:
     median |coefficient| / 0.6745), read where the slice has least structure. Three details keep anatomy
     and image size from biasing it:
@@ -717,7 +717,10 @@ def slice_noise_sigma(image, magnitude=None):
       with sigma 0.02 the whole band read 0.025);
     - in a magnitude image (real MRI, Rician noise) pure noise where the image is dark has a Rayleigh
       distribution, which spreads only 0.655 as much as sigma (Henkelman 1985): there the coefficients are
-      divided by 0.655 first, or a scan with much background gets too low a sigma (0.047 for 0.06).
+      divided by 0.655 first, or a scan with much background gets too low a sigma (0.047 for 0.06). "Dark"
+      counts from `zero`, the value of zero signal on the slice's scale: below 0 for a scan scaled so that its
+      1st percentile is 0 and that has no background (a cropped field of view), whose darkest tissue would
+      otherwise be taken for noise-only background (8% high).
     Coefficients that read exact zeros (a background the scanner masked) are left out. The estimate still
     reads anatomy as noise where every position has some, as in very small slices of a head (17x21 voxels: up
     to 20% high at 0.06). A slice thinner than 4 pixels gives 0. magnitude: whether the image is one; None guesses it from the values
@@ -746,20 +749,20 @@ def slice_noise_sigma(image, magnitude=None):
         magnitude = np.mean(image < 0) <= MAGNITUDE_NEGATIVE_FRACTION
     if magnitude:
         for _ in range(2):  # the first pass starts from an estimate 0.655-1 times too low
-            dark = local_mean < DARK_LOCAL_MEAN * sigma
+            dark = local_mean - zero < DARK_LOCAL_MEAN * sigma
             sigma = np.median(np.where(dark, detail / RAYLEIGH_SPREAD, detail)) / MAD_TO_SIGMA
     return float(sigma)
 
 
-def estimate_noise_sigma(slices, magnitude=None):
+def estimate_noise_sigma(slices, magnitude=None, zero=0.0):
     """Noise sigma of a set of 2D slices (any scale): the median over slices of slice_noise_sigma, leaving out
     the slices that show no noise at all (0: empty padding of a masked scan, or too thin to tell), so that
     they do not pull it to 0; 0 when no slice shows any. The wavelet estimate is biased less by anatomy than
     the spread of the background is. magnitude: whether they come from a magnitude image (a scan whose stored
     values are never negative, as real MRI); None guesses it from the slices themselves (at most 2% negative
     values), which holds only when their background lies at 0: after the tool's 1-99 percentile scaling any
-    scan has 1% negative values."""
-    sigmas = [sigma for sigma in (slice_noise_sigma(s, magnitude) for s in slices) if sigma > 0]
+    scan has 1% negative values. zero: the value of zero signal on the slices' scale (see slice_noise_sigma)."""
+    sigmas = [sigma for sigma in (slice_noise_sigma(s, magnitude, zero) for s in slices) if sigma > 0]
     return float(np.median(sigmas)) if sigmas else 0.0
 
 
@@ -940,7 +943,8 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
             "heldout_pixels": int(masked_gain.size),
             "heldout_error_before": mean_or_zero(errors_before), "heldout_gain": mean_or_zero(masked_gain),
             "recorrupted_error_before": mean_or_zero(r2r_before), "recorrupted_gain": mean_or_zero(recorrupted_gain),
-            "heldout_gain_z": masked_z, "recorrupted_gain_z": recorrupted_z, "kept": kept}
+            "heldout_gain_z": masked_z, "recorrupted_gain_z": recorrupted_z, "kept": kept,
+            "candidate": adapted}  # the adapted copy, kept or not: benchmark_adaptation_guard.py scores both
     return (adapted if kept else model), info
 
 

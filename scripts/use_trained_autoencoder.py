@@ -198,10 +198,23 @@ def sample_slices(view, low, high, n_samples):
     return without_outliers(normalise(spread_slices(view, n_samples), low, high))
 
 
-def masked_background(batch):
-    """Exact zeros of (n, A, B) slices that form regions (a background the scanner masked), not single
-    voxels that are 0 by noise or rounding: those that survive an opening with a 3x3 square."""
-    return ndimage.binary_opening(batch == 0, structure=np.ones((1, 3, 3), dtype=bool))
+def masked_background(batch, value=0.0):
+    """Voxels of (n, A, B) slices at exactly `value` that form regions (a background the scanner masked), not
+    single voxels at it by noise or rounding: those that survive an opening with a 3x3 square."""
+    return ndimage.binary_opening(batch == value, structure=np.ones((1, 3, 3), dtype=bool))
+
+
+def masked_value(view, magnitude):
+    """The value of a magnitude image's masked background: 0, or else its minimum (the scl_inter of a header
+    that scales the stored zeros), when at least MASKED_FRACTION of its voxels form regions at exactly it; None
+    when it has none. That value is the image's zero signal."""
+    if not magnitude:
+        return None
+    slices = spread_slices(view, 24)
+    for value in dict.fromkeys((0.0, float(slices.min()))):
+        if np.mean(masked_background(slices, value)) >= MASKED_FRACTION:
+            return value
+    return None
 
 
 def adapt_model(model, view, low, high, sigma, magnitude):
@@ -210,6 +223,9 @@ def adapt_model(model, view, low, high, sigma, magnitude):
     if min(view.shape[:2]) < MIN_ADAPT_SIZE:
         raise InputError(f"{input_path}: slices of {view.shape[0]}x{view.shape[1]} across axis {axis} are too small "
                          f"to adapt on (at least {MIN_ADAPT_SIZE}x{MIN_ADAPT_SIZE}); leave --adapt_steps at 0")
+    if magnitude:
+        print("note: the adaptation assumes Gaussian noise; in a magnitude image the noise is Rician, far from Gaussian "
+              "where the signal is low, which can fool its checks (README, \"The guard's rule\")")
     adapted, info = adapt_to_slices(model, sample_slices(view, low, high, 64), sigma, adapt_steps, adapt_seconds,
                                     loss=adapt_loss, heldout_fraction=adapt_heldout_fraction, magnitude=magnitude)
     needed = "more than 2 needed in a magnitude image" if magnitude else "more than -2 needed"
@@ -229,13 +245,14 @@ def trained_sigma_range(metadata):
 
 
 def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low, high, sigma, bfloat16,
-                          magnitude, masked_zeros, floor_sigma):
+                          magnitude, background, floor_sigma):
     """Denoise every slice of `view` into `out_view`, batch_size slices at a time; `adapted` (when it is not
     `model`) denoises the object, above object_threshold. Voxels far outside the scan's range (spikes, see
     outlier_voxels) go through unchanged and the network sees their neighbourhood's median instead, so that
     one does not spread into its neighbours. A magnitude image's output stays >= 0, loses the Rician noise
-    floor of sigma floor_sigma (on the [0, 1] scale of low-high; 0: none), and with masked_zeros its
-    masked_background stays 0."""
+    floor of sigma floor_sigma (on the [0, 1] scale of low-high; 0: none), counted from its zero signal: the
+    value of its masked background, which stays as it is, or 0 when `background` is None."""
+    zero = background or 0.0
     n_slices, n_volumes = view.shape[2:]
     total = n_slices * n_volumes
     with tqdm(total=total, desc="denoising", unit="slice") as progress:
@@ -248,12 +265,13 @@ def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low,
             denoised = np.where(outlier_voxels(scaled), scaled, denoised)
             if magnitude:  # counted from the scan's 0 in units of high - low, not in the scan's own units, whose
                            # squares over- or underflow float32 when they are very large or small
-                denoised = np.maximum(denoised + low / (high - low), 0)
+                denoised = np.maximum(denoised + (low - zero) / (high - low), 0)
                 denoised = (remove_rician_floor(denoised, floor_sigma) if floor_sigma else denoised) * (high - low)
+                denoised += zero
             else:
                 denoised = denoised * (high - low) + low
-            if masked_zeros:
-                denoised[masked_background(batch)] = 0
+            if background is not None:
+                denoised[masked_background(batch, background)] = background
             for k, image in zip(ks, denoised):
                 out_view[:, :, k % n_slices, k // n_slices] = image
             progress.update(len(ks))
@@ -351,13 +369,17 @@ def denoise_nifti(model, metadata, bfloat16):
     view = slices_view(data)
     note_thick_axis(image.header.get_zooms()[:3])
     magnitude = is_magnitude_image(samples)
-    estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude)
+    background = masked_value(view, magnitude)
+    zero = background or 0.0
+    estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude, zero=float(normalise(zero, low, high)))
     sigma = noise_sigma or estimated
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
           f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale "
           f"({'a magnitude image: (almost) no negative values' if magnitude else 'negative values: no magnitude correction'}"
           + ("; the Rician noise floor will be taken out)" if magnitude and removes_rician_floor(metadata) else ")")
           + (f", using {sigma:.4f} as given" if noise_sigma else ""))
+    if background:
+        print(f"note: its background is masked at {background:g}, taken as zero signal")
     if not noise_sigma and estimated == 0:
         print(f"warning: no noise could be measured in {input_path} (the slices sampled are empty, constant or "
               "too thin); the network is told sigma 0: give --noise_sigma if you know it")
@@ -377,11 +399,10 @@ def denoise_nifti(model, metadata, bfloat16):
               f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
               "expect under- or over-smoothing")
     adapted, object_threshold = adapt_model(model, view, low, high, sigma, magnitude) if adapt_steps > 0 else (model, None)
-    masked_zeros = magnitude and np.mean(masked_background(spread_slices(view, 24))) >= MASKED_FRACTION
     floor_sigma = sigma if magnitude and removes_rician_floor(metadata) else 0.0
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16,
-                          magnitude, masked_zeros, floor_sigma)
+                          magnitude, background, floor_sigma)
     model_name = os.path.basename(model_path)
     adaptation = "none" if adapted is model and not adapt_steps else "kept" if adapted is not model else "discarded"
     provenance = (f"denoised by mri-denoise with {model_name}" + (", x8 self-ensemble" if self_ensemble else "")

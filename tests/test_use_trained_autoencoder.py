@@ -472,6 +472,29 @@ def test_a_spike_stays_where_it_is_and_a_masked_magnitude_background_stays_zero(
     assert np.all(plain[pinholes] > 0.05 * magnitude.max())  # the single zeros were denoised, not kept
 
 
+def test_a_header_that_offsets_the_intensities_changes_only_the_units_of_the_output(tmp_path):
+    """The same stored magnitude image, with a masked background of stored zeros, read with scl_inter 100 (and
+    scl_slope 2.5): its background is at 100, which is its zero signal, and must come out flat at 100, and its
+    object as the unscaled image's, in the new units. The masked background was once recognised at 0 only
+    (here it came out textured, 52-178) and the Rician floor counted from 0."""
+    _, noisy = noisy_phantom((40, 36, 6))
+    stored = np.rint(np.abs(noisy)).astype(np.int16)
+    stored[:, :8] = 0  # a masked band
+    write_nifti(tmp_path / "raw.nii.gz", stored, dtype=np.int16)
+    scaled = nib.Nifti1Image(stored, np.diag([2.0, 2.0, 3.0, 1.0]))
+    scaled.header.set_slope_inter(2.5, 100)
+    nib.save(scaled, str(tmp_path / "scaled.nii.gz"))
+    assert nib.load(tmp_path / "scaled.nii.gz").dataobj.inter == 100
+    denoise(DEFAULT_MODEL, tmp_path / "raw.nii.gz", tmp_path / "raw_out.nii.gz")
+    said = denoise(DEFAULT_MODEL, tmp_path / "scaled.nii.gz", tmp_path / "scaled_out.nii.gz").stdout
+    assert "background is masked at 100, taken as zero signal" in said
+    raw_out, scaled_out = (nib.load(tmp_path / f"{n}_out.nii.gz").get_fdata() for n in ("raw", "scaled"))
+    assert np.all(scaled_out[:, :8] == 100) and np.all(raw_out[:, :8] == 0)
+    value_range = 2.5 * stored.max()
+    difference = np.abs(scaled_out - (2.5 * raw_out + 100))
+    assert difference.mean() < 1e-4 * value_range and difference.max() < 0.01 * value_range
+
+
 def test_a_small_object_in_a_large_noisy_field_of_view_is_warned_about(tmp_path):
     """When the 1st-99th percentiles both lie in a noisy background, the object sits far above that range and
     would pass through undenoised as spikes do: the tool says so and what to do. A head that fills the image,

@@ -1,0 +1,28 @@
+"""benchmark_adaptation_guard.py end to end on the tiny dataset."""
+import json
+import os
+
+import pytest
+
+from common import keeps_adaptation
+from conftest import DEFAULT_MODEL, REPO, run_script
+
+
+def test_every_draw_is_scored_adapted_and_not_and_each_rule_decides_from_its_checks(tmp_path, tiny_dataset):
+    results_path = tmp_path / "guard.json"
+    readme = "before\n<!-- benchmark_adaptation_guard:start -->\nold table\n<!-- benchmark_adaptation_guard:end -->\n"
+    (tmp_path / "README.md").write_text(readme)
+    run_script("benchmark_adaptation_guard", f"--dataset_path={tiny_dataset}", f"--model_path={os.path.join(REPO, DEFAULT_MODEL)}",
+               "--cases=gaussian 0.1,rician 0.1 coarse", "--n_draws=2", "--adapt_steps=2", "--precision=float32",
+               f"--results_path={results_path}", cwd=tmp_path)
+    results = json.loads(results_path.read_text())
+    assert list(results["cases"]) == ["gaussian 0.1", "rician 0.1 coarse"]
+    for case, draws in results["cases"].items():
+        assert len(draws) == 2
+        for draw in draws:
+            assert draw["gain"] == pytest.approx(draw["adapted"] - draw["trained"])
+            assert draw["kept"] == keeps_adaptation(draw["masked_z"], draw["recorrupted_z"], case.startswith("rician"))
+            assert draw["kept_by_both_checks"] == (draw["masked_z"] > 2 and draw["recorrupted_z"] > 2)
+        assert draws[0]["trained"] != draws[1]["trained"]  # two different noise draws
+    written = (tmp_path / "README.md").read_text()
+    assert "old table" not in written and "| gaussian 0.1 |" in written and "| rician 0.1 coarse |" in written
