@@ -28,6 +28,7 @@ cases = ["gaussian 0.02", "gaussian 0.06", "gaussian 0.12", "rician 0.06", "rici
 n_draws = 4                       # noise draws of each case
 adapt_steps = 300                 # as in the benchmark and the README's use
 adapt_seconds = 900.0             # quality is measured here, not speed: room for all the steps on a busy machine
+adapt_loss = "recorrupted"        # "recorrupted" or "neighbor2neighbor" (see use_trained_autoencoder.py)
 precision = "auto"                # of the networks: "auto", "float32" or "bfloat16" (see use_trained_autoencoder.py)
 seed = 500
 results_path = "denoising_examples/benchmark_adaptation_guard.json"
@@ -55,7 +56,7 @@ def score_draw(model, noise_model, sigma, clean, masks, rng, bfloat16):
     noisy, clean = noisy_versions(clean, sigma, noise_model, rng, 1)
     rician = noise_model == "rician"
     estimated = estimate_noise_sigma(noisy)
-    _, info = adapt_to_slices(model, noisy, estimated, adapt_steps, adapt_seconds, magnitude=rician)
+    _, info = adapt_to_slices(model, noisy, estimated, adapt_steps, adapt_seconds, loss=adapt_loss, magnitude=rician)
     outputs = [denoise_slices(model, noisy, estimated, bfloat16=bfloat16),
                denoise_adapted(model, info["candidate"], noisy, estimated, info["object_threshold"], bfloat16=bfloat16)]
     if rician:  # as the tool does for a magnitude image
@@ -74,14 +75,15 @@ def summary_row(case, draws):
         return (f"{len(kept)} ({sum(d['gain'] > 0 for d in kept)} / {sum(d['gain'] < 0 for d in kept)})")
     z_range = lambda key: f"{min(d[key] for d in draws):.1f} to {max(d[key] for d in draws):.1f}"
     return (f"| {case} | {gains.mean():+.3f} ({gains.min():+.3f} to {gains.max():+.3f}) | "
-            f"{z_range('recorrupted_z')} | {z_range('masked_z')} | {counts('kept')} | {counts('kept_by_both_checks')} |")
+            f"{z_range('recorrupted_z')} | {z_range('masked_z')} | {counts('kept')} | "
+            f"{counts('kept_by_both_checks')} |")
 
 
 def markdown_table(results, name):
-    lines = [f"The adaptation's guard, {name}, {n_draws} noise draws of each case, {split} slices (coarse, fine, "
-             "gamma: resampled to 2x coarser or 1.5x finer voxels, or gamma 0.6); gain: in-mask PSNR of the adapted "
-             "network, kept or not, minus the trained network's (dB); checks: gains in standard errors; kept: "
-             "draws kept (of them, where the adaptation gained / lost):", "",
+    lines = [f"The adaptation's guard, {name} ({adapt_loss} loss), {n_draws} noise draws of each case, {split} "
+             "slices (coarse, fine, gamma: resampled to 2x coarser or 1.5x finer voxels, or gamma 0.6); gain: in-mask "
+             "PSNR of the adapted network, kept or not, minus the trained network's (dB); checks: gains in standard "
+             "errors; kept: draws kept (of them, where the adaptation gained / lost):", "",
              "| case | gain of adapting (mean, range) | recorrupted check | masked check | kept (current rule) | "
              "kept (both checks, before 2026-12-05) |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -103,13 +105,15 @@ def main():
     split_slices = {"clean": clean, "mask": masks}
     results = {}
     for k, case in enumerate(cases):
-        noise_model, sigma, case_clean, case_masks = case_slices(case, split_slices, settings["min_foreground_fraction"])
+        noise_model, sigma, case_clean, case_masks = case_slices(case, split_slices,
+                                                                 settings["min_foreground_fraction"])
         rng = np.random.default_rng([seed, k])
         results[case] = [score_draw(model, noise_model, sigma, case_clean, case_masks, rng, bfloat16)
                          for _ in range(n_draws)]
         print(summary_row(case, results[case]), flush=True)
     name = network_name(model_path)
-    save_json({"model": model_path, "split": split, "n_draws": n_draws, "adapt_steps": adapt_steps, "seed": seed,
+    save_json({"model": model_path, "split": split, "n_draws": n_draws, "adapt_steps": adapt_steps,
+               "adapt_loss": adapt_loss, "seed": seed,
                "precision": "bfloat16" if bfloat16 else "float32", "cases": results}, results_path)
     markdown = markdown_table(results, name)
     if update_readme:

@@ -25,12 +25,16 @@ class InputError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(); an InputError becomes 'error: ...' on stderr and exit code 1."""
+    """Run a script's main(); an InputError becomes 'error: ...' on stderr and exit code 1, Ctrl-C one line and
+    exit code 130, not a traceback (outputs are renamed into place only when complete: see atomic_write)."""
     try:
         main()
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # --- command-line overrides of a script's constants --------------------------------------------
@@ -227,7 +231,8 @@ def load_nifti(path):
                          .splitlines()[0]) from None
     data = data.reshape(shape)
     if n_not_finite:
-        raise InputError(f"{path} contains {n_not_finite} NaN or Inf values")
+        raise InputError(f"{path} contains {n_not_finite} NaN or Inf values; set them to 0 first (a background "
+                         "of them then stays 0, as a masked one)")
     if n_too_large:
         raise InputError(f"{path} contains {n_too_large} values beyond float32's range (+-3.4e38); rescale the image")
     if not np.any(data):
@@ -875,8 +880,8 @@ def adapt_to_slices(model, noisy_slices, noise_sigma, n_steps, max_seconds, lear
     denoise_adapted): a background is mostly noise, which the trained network had learnt to flatten and an
     adaptation to noisy data flattens less. So the held-out pixels lie in the object, where two estimates of
     the copy's error decide whether it is kept (keeps_adaptation; magnitude: the slices are of a magnitude
-    image, with Rician noise). Returns (the model to use, a dict describing
-    what happened, with the object's threshold)."""
+    image, with Rician noise). Returns (the model to use, a dict describing what happened, with the object's
+    threshold)."""
     import copy
     import time
 

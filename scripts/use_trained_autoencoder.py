@@ -224,8 +224,8 @@ def adapt_model(model, view, low, high, sigma, magnitude):
         raise InputError(f"{input_path}: slices of {view.shape[0]}x{view.shape[1]} across axis {axis} are too small "
                          f"to adapt on (at least {MIN_ADAPT_SIZE}x{MIN_ADAPT_SIZE}); leave --adapt_steps at 0")
     if magnitude:
-        print("note: the adaptation assumes Gaussian noise; in a magnitude image the noise is Rician, far from Gaussian "
-              "where the signal is low, which can fool its checks (README, \"The guard's rule\")")
+        print("note: the adaptation assumes Gaussian noise; in a magnitude image the noise is Rician, far from "
+              "Gaussian where the signal is low, which can fool its checks (README, \"The guard's rule\")")
     adapted, info = adapt_to_slices(model, sample_slices(view, low, high, 64), sigma, adapt_steps, adapt_seconds,
                                     loss=adapt_loss, heldout_fraction=adapt_heldout_fraction, magnitude=magnitude)
     needed = "more than 2 needed in a magnitude image" if magnitude else "more than -2 needed"
@@ -371,7 +371,8 @@ def denoise_nifti(model, metadata, bfloat16):
     magnitude = is_magnitude_image(samples)
     background = masked_value(view, magnitude)
     zero = background or 0.0
-    estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude, zero=float(normalise(zero, low, high)))
+    estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude,
+                                     zero=float(normalise(zero, low, high)))
     sigma = noise_sigma or estimated
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
           f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale "
@@ -398,13 +399,14 @@ def denoise_nifti(model, metadata, bfloat16):
         print(f"warning: noise sigma {sigma:.4f} lies outside what {os.path.basename(model_path)} was trained for "
               f"({metadata['noise_sigma_range'][0]:g}-{metadata['noise_sigma_range'][1]:g}); "
               "expect under- or over-smoothing")
-    adapted, object_threshold = adapt_model(model, view, low, high, sigma, magnitude) if adapt_steps > 0 else (model, None)
+    adapted, object_threshold = (adapt_model(model, view, low, high, sigma, magnitude) if adapt_steps > 0
+                                 else (model, None))
     floor_sigma = sigma if magnitude and removes_rician_floor(metadata) else 0.0
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16,
                           magnitude, background, floor_sigma)
     model_name = os.path.basename(model_path)
-    adaptation = "none" if adapted is model and not adapt_steps else "kept" if adapted is not model else "discarded"
+    adaptation = "none" if not adapt_steps else "kept" if adapted is not model else "discarded"
     provenance = (f"denoised by mri-denoise with {model_name}" + (", x8 self-ensemble" if self_ensemble else "")
                   + f"; slices across axis {axis}; noise sigma {sigma:.4f} ({'given' if noise_sigma else 'estimated'})"
                   f" on the [0, 1] scale of the input's percentiles {low:g} to {high:g}; adaptation: {adaptation}; "

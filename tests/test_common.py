@@ -334,3 +334,18 @@ def test_keep_freed_memory_does_nothing_outside_linux(monkeypatch):
                                         ("/elsewhere/my_net.pth", "my_net")])
 def test_both_benchmarks_name_a_checkpoint_by_its_file(path, name):
     assert network_name(path) == name
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130():
+    import signal
+    import subprocess
+    import sys
+    from conftest import SCRIPTS
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from common import run_main\n"
+            "def main():\n    print('ready', flush=True); time.sleep(60)\nrun_main(main)")
+    process = subprocess.Popen([sys.executable, "-c", code, SCRIPTS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and stderr.strip() == "interrupted"
