@@ -12,7 +12,7 @@ Writes denoising_examples/benchmark_adaptation_guard.json and the table into REA
     python scripts/benchmark_adaptation_guard.py [--model_path=a.pt] [--n_draws=4]"""
 import numpy as np
 
-from benchmark_denoisers import noisy_versions, ood_clean_slices
+from benchmark_denoisers import TEST_SPLIT_CHANGES, noisy_versions, ood_clean_slices
 from common import (CLEAR_GAIN, DEFAULT_MODEL, InputError, adapt_to_slices, apply_overrides, check_file_exists,
                     denoise_adapted, denoise_slices, estimate_noise_sigma, keep_freed_memory, keeps_adaptation,
                     load_checkpoint, mean_psnr_in_mask, network_name, remove_rician_floor, run_main, save_json,
@@ -39,6 +39,20 @@ update_readme = True              # write the table into README.md between the b
 def both_checks_gain(masked_z, recorrupted_z):
     """The rule until 2026-12-05: both checks must show a clear gain, whatever the noise."""
     return masked_z > CLEAR_GAIN and recorrupted_z > CLEAR_GAIN
+
+
+def check_case(case):
+    """A case reads "NOISE SIGMA [CHANGE]": gaussian or rician, a sigma above 0, a change of TEST_SPLIT_CHANGES."""
+    words = case.split()
+    valid = 2 <= len(words) <= 3 and words[0] in ("gaussian", "rician") and (
+        len(words) == 2 or words[2] in TEST_SPLIT_CHANGES)
+    try:
+        valid = valid and float(words[1]) > 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise InputError(f"cases: {case!r}; expected 'gaussian' or 'rician', a sigma above 0 and optionally one of "
+                         + ", ".join(TEST_SPLIT_CHANGES) + ", such as 'rician 0.06 coarse'")
 
 
 def case_slices(case, split_slices, min_foreground_fraction):
@@ -97,6 +111,8 @@ def main():
     if split not in ("test", "val") or n_draws < 1 or adapt_steps < 1:
         raise InputError(f"split={split!r}, n_draws={n_draws}, adapt_steps={adapt_steps}; expected 'test' or 'val' "
                          "and counts of 1 or more")
+    for case in cases:
+        check_case(case)
     check_file_exists(model_path, "checkpoint")
     import torch
     model, _ = load_checkpoint(model_path)
