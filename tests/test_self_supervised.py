@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from common import (add_noise, adapt_to_slices, denoise_adapted, denoise_slices, keeps_adaptation,
-                    neighbour_subsample,
-                    neighbor2neighbor_loss, object_region, object_threshold, recorrupt)
+                    neighbour_subsample, neighbor2neighbor_loss, object_region, object_threshold, recorrupt)
 from conftest import phantom_volume, run_script, write_nifti
 from models import build_model
 
