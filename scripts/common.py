@@ -5,6 +5,7 @@ import importlib.resources
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import zlib
@@ -24,9 +25,15 @@ class InputError(Exception):
     """A problem with the user's files or settings, reported as one line and a non-zero exit."""
 
 
+def _stop(signal_number, frame):
+    raise KeyboardInterrupt
+
+
 def run_main(main):
-    """Run a script's main(); an InputError becomes 'error: ...' on stderr and exit code 1, Ctrl-C one line and
-    exit code 130, not a traceback (outputs are renamed into place only when complete: see atomic_write)."""
+    """Run a script's main(); an InputError becomes 'error: ...' on stderr and exit code 1, Ctrl-C or SIGTERM (a
+    batch system's time limit) one line and exit code 130, not a traceback, after the same clean-up: outputs are
+    renamed into place only when complete (atomic_write) and temporary folders are removed."""
+    signal.signal(signal.SIGTERM, _stop)
     try:
         main()
     except InputError as error:

@@ -33,6 +33,8 @@ max_pair_difference = 3.0         # drop time pairs whose mean squared differenc
 seed = 0
 # ---
 
+MIN_SLICE_SIZE = 8  # pixels: the training's smallest patch, and more than scikit-image's 7-pixel SSIM window
+
 
 def expand_paths(paths):
     expanded = []
@@ -56,12 +58,18 @@ def load_scan(path):
     network), and (low, high)."""
     _, data = load_nifti(path)
     volumes = data[..., None] if data.ndim == 3 else data[..., :n_timepoints]
+    if min(volumes.shape[:2]) < MIN_SLICE_SIZE:
+        raise InputError(f"{path}: slices of {volumes.shape[0]}x{volumes.shape[1]} are too small to train and score on "
+                         f"(at least {MIN_SLICE_SIZE}x{MIN_SLICE_SIZE})")
+    if volumes.min() == volumes.max():
+        raise InputError(f"{path} is constant (every voxel {volumes.flat[0]:g}): nothing to denoise")
     low, high = percentile_range(volumes, low_percentile, high_percentile)
     return normalise(volumes, low, high, clip=clip_to_unit_range), (low, high)
 
 
-def select_slices(head_mask, path):
-    """Axial slice positions to keep: an explicit slice_range, or slices with enough foreground."""
+def select_slices(head_mask, path, constant):
+    """Axial slice positions to keep: an explicit slice_range, or slices with enough foreground that are not
+    constant (`constant`: per position; the head mask, dilated in 3D, reaches one slice into an empty one)."""
     n_slices = head_mask.shape[2]
     if slice_range:
         first, last = slice_range
@@ -69,7 +77,7 @@ def select_slices(head_mask, path):
             raise InputError(f"slice_range={slice_range} does not fit {path}, which has {n_slices} slices")
         return list(range(first, last))
     fractions = head_mask.mean(axis=(0, 1))
-    positions = [z for z in range(n_slices) if fractions[z] >= min_foreground_fraction]
+    positions = [z for z in range(n_slices) if fractions[z] >= min_foreground_fraction and not constant[z]]
     if not positions:
         raise InputError(f"{path}: no slice has a foreground fraction of {min_foreground_fraction} or more")
     return positions
@@ -138,7 +146,8 @@ def describe_scan(path, scan_index):
     that only one scan is in memory at a time; write_dataset reads it again."""
     volumes, (low, high) = load_scan(path)
     head_mask = foreground_mask(volumes.mean(axis=3))
-    return {"path": path, "index": scan_index, "mask": head_mask, "positions": select_slices(head_mask, path),
+    constant = volumes.min(axis=(0, 1, 3)) == volumes.max(axis=(0, 1, 3))  # per slice position
+    return {"path": path, "index": scan_index, "mask": head_mask, "positions": select_slices(head_mask, path, constant),
             "n_time": volumes.shape[3], "low": low, "high": high}
 
 
@@ -224,7 +233,8 @@ def main():
                          f"{'has' if len(paths) == 1 else 'have'} one volume each")
     split_of = assign_splits(scans)
     n_clean = sum(len(s["positions"]) * s["n_time"] for s in scans)
-    n_realisations = max(1, round(target_n_images / n_clean))
+    # without noise every realisation would be the same image
+    n_realisations = max(1, round(target_n_images / n_clean)) if noise_sigma > 0 else 1
     settings.update(input_paths=paths, n_noise_realisations=n_realisations, versions=package_versions())
     extra_arrays = {"scan_paths": np.array(paths),
                     "norm_low": np.array([s["low"] for s in scans], dtype=np.float64),

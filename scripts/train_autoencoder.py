@@ -546,7 +546,8 @@ def main():
                         for name in ("train", "val", "test")},
         "n_epochs": n_epochs, "n_train_images": n_train, "training_settings": settings,
         # augmentation turns square patches by quarter turns, other shapes only by half turns (make_pair)
-        "all_orientations": bool(augment and 0 < patch_size <= min(arrays["clean"].shape[1:])),
+        "all_orientations": bool(augment and (0 < patch_size <= min(arrays["clean"].shape[1:])
+                                              or arrays["clean"].shape[1] == arrays["clean"].shape[2])),
         "history": history, "world_size": world_size, "train_seconds_this_run": seconds,
         "versions": package_versions(),
     }

@@ -336,7 +336,8 @@ def test_both_benchmarks_name_a_checkpoint_by_its_file(path, name):
     assert network_name(path) == name
 
 
-def test_ctrl_c_is_one_line_and_exit_code_130():
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_a_time_limit_is_one_line_and_exit_code_130(stop):
     import signal
     import subprocess
     import sys
@@ -346,6 +347,6 @@ def test_ctrl_c_is_one_line_and_exit_code_130():
     process = subprocess.Popen([sys.executable, "-c", code, SCRIPTS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     assert process.stdout.readline().strip() == "ready"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, stop))
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130 and stderr.strip() == "interrupted"

@@ -146,3 +146,31 @@ def test_rician_dataset(tmp_path, tiny_scan):
     assert background.mean() > 0.2
     assert abs(arrays["noisy"][background].mean() - 0.1 * np.sqrt(np.pi / 2)) < 0.01  # Rayleigh: sigma sqrt(pi/2)
     assert json.loads(str(arrays["settings_json"]))["noise_model"] == "rician"
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("constant", "is constant (every voxel 7): nothing to denoise"),
+    ("tiny", "slices of 5x5 are too small to train and score on (at least 8x8)"),
+])
+def test_a_scan_with_nothing_to_learn_from_is_one_clear_error(tmp_path, kind, fragment):
+    volume = np.full((20, 20, 8), 7.0) if kind == "constant" else phantom_volume((5, 5, 12))
+    scan = write_nifti(tmp_path / f"{kind}.nii.gz", volume)
+    result = run_script("make_dataset", f"--input_paths={scan}", f"--output={tmp_path / 'out.npz'}", check=False)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_constant_slices_are_not_kept_though_the_head_mask_reaches_into_them(tmp_path):
+    """The head mask is dilated in 3D, so an empty or constant slice next to the head had 40% 'foreground'."""
+    volume = phantom_volume((40, 36, 12))
+    volume[:, :, 3], volume[:, :, 5] = 0, 42.0
+    scan = write_nifti(tmp_path / "holes.nii.gz", volume)
+    _, arrays = make_dataset(tmp_path, scan)
+    kept = set(arrays["slice_index"].tolist())
+    assert 3 not in kept and 5 not in kept and {2, 4, 6} <= kept
+
+
+def test_without_noise_each_clean_slice_is_stored_once(tmp_path, tiny_scan):
+    _, arrays = make_dataset(tmp_path, tiny_scan, "dataset.npz", "--noise_sigma=0")
+    keys = np.stack([arrays["slice_index"], arrays["time_index"]], axis=1)
+    assert len(np.unique(keys, axis=0)) == len(keys)

@@ -181,3 +181,16 @@ def test_bfloat16_training_learns_and_is_recorded(tmp_path, tiny_dataset):
     # the same seed, data and steps: only the precision of the forward pass differs
     assert histories["bfloat16"]["train_mse"][0] != histories["float32"]["train_mse"][0]
     assert histories["bfloat16"]["train_mse"][0] == pytest.approx(histories["float32"]["train_mse"][0], rel=0.05)
+
+
+def test_square_whole_slices_trained_with_quarter_turns_are_recorded_as_such(tmp_path):
+    """Augmentation turns a square image by quarter turns, patch or whole slice: the metadata once said so only
+    for patches, and the self-ensemble then refused a network trained on square whole slices."""
+    from common import load_checkpoint
+    scan = write_nifti(tmp_path / "square.nii.gz", phantom_volume((24, 24, 8, 2)))
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={tmp_path / 'square.npz'}", "--target_n_images=20")
+    run_script("train_autoencoder", f"--dataset_path={tmp_path / 'square.npz'}", "--arch=dncnn",
+               '--arch_args={"depth": 3, "width": 8}', "--n_epochs=1", "--batch_size=4", "--augment", "--patch_size=0",
+               f"--models_dir={tmp_path}", f"--plots_dir={tmp_path}", f"--examples_dir={tmp_path}")
+    (model,) = [p for p in tmp_path.glob("autoencoder_dncnn_*.pt") if not p.name.endswith(".resume.pt")]
+    assert load_checkpoint(model)[1]["all_orientations"] is True
