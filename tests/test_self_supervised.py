@@ -98,7 +98,7 @@ def test_recorrupted_training_refuses_rician_noise(paired_dataset, tmp_path):
 def test_recorrupted_training_needs_a_noise_sigma(tmp_path, tiny_scan):
     run_script("make_dataset", f"--input_paths={tiny_scan}", f"--output={tmp_path / 'real.npz'}", "--noise_sigma=0")
     result = run_script("train_autoencoder", f"--dataset_path={tmp_path / 'real.npz'}", f"--models_dir={tmp_path}",
-                        "--training_target=recorrupted", "--fresh_noise=false", check=False)
+                        "--training_target=recorrupted", "--fresh_noise=false", "--batch_size=4", check=False)
     assert result.returncode != 0
     assert "needs the noise sigma" in result.stderr.strip().splitlines()[-1]
 
