@@ -537,13 +537,25 @@ def load_dataset(path):
     import zipfile
     check_file_exists(path, "dataset (run scripts/make_dataset.py first)")
     try:
-        arrays = load_npz(path, mapped=("clean", "noisy", "mask"))
-        arrays = {k: arrays[k] for k in ("clean", "noisy", "mask", "split", "slice_index", "scan_index",
-                                         "time_index", "settings_json")} | {"partner_index": arrays.get("partner_index")}
+        stored = load_npz(path, mapped=("clean", "noisy", "mask"))
+        arrays = {k: stored[k] for k in ("clean", "noisy", "mask", "split", "slice_index", "scan_index",
+                                         "time_index", "settings_json")} | {"partner_index": stored.get("partner_index")}
+        # each image's own size, inside the zero padding that stacks scans of other sizes (datasets made before
+        # 2026-12-05 do not say: their images are taken as unpadded)
+        n_images, full_shape = len(arrays["clean"]), arrays["clean"].shape[1:]
+        shapes = stored.get("image_shape")
+        arrays["image_shape"] = np.tile(full_shape, (n_images, 1)) if shapes is None else shapes
         dataset_settings = json.loads(str(arrays.pop("settings_json")))
     except (KeyError, ValueError, OSError, zipfile.BadZipFile) as error:
         raise InputError(f"{path} is not a dataset made by make_dataset.py ({error})".splitlines()[0]) from None
     return arrays, dataset_settings
+
+
+def unpadded(image_shapes, shape):
+    """(n, X, Y) masks of the pixels inside each image's own size (image_shape: (n, 2)), not its zero padding."""
+    rows, columns = np.indices(shape)
+    shapes = np.asarray(image_shapes)
+    return (rows < shapes[:, 0, None, None]) & (columns < shapes[:, 1, None, None])
 
 
 def unique_clean_slices(path, split):

@@ -193,7 +193,7 @@ def write_dataset(path, scans, split_of, n_realisations, extra_arrays):
     with tempfile.TemporaryDirectory(prefix=".tmp-", dir=folder) as scratch:
         images = {name: np.lib.format.open_memmap(os.path.join(scratch, f"{name}.npy"), "w+", dtype, (n_images, *shape))
                   for name, dtype in (("clean", np.float32), ("noisy", np.float32), ("mask", bool))}  # (n_images, X, Y)
-        columns = {k: [] for k in ("scan_index", "slice_index", "time_index", "split", "partner_index")}
+        columns = {k: [] for k in ("scan_index", "slice_index", "time_index", "split", "partner_index", "image_shape")}
         start = 0
         for scan in scans:
             volumes, _ = load_scan(scan["path"])
@@ -211,6 +211,7 @@ def write_dataset(path, scans, split_of, n_realisations, extra_arrays):
                 columns["slice_index"].append(np.full(len(clean), z))
                 columns["time_index"].append(np.repeat(np.arange(scan["n_time"]), n_realisations))
                 columns["split"].append(np.full(len(clean), split_of[(scan["index"], z)], dtype="<U5"))
+                columns["image_shape"].append(np.tile(clean.shape[1:], (len(clean), 1)))  # before the padding
                 start += len(clean)
         columns = {k: np.concatenate(v) for k, v in columns.items()}
         save_npz(path, {**images, **columns, **extra_arrays})

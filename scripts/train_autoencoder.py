@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from common import (InputError, add_noise, apply_overrides, atomic_write, check_file_exists, check_output_path,
                     denoise_slices, keep_freed_memory, load_dataset, native_bfloat16, neighbor2neighbor_loss,
-                    package_versions, pick_device, plot_denoising_grid, recorrupt, run_main, save_figure, usable_cores)
+                    package_versions, pick_device, plot_denoising_grid, recorrupt, run_main, save_figure, unpadded,
+                    usable_cores)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
 
 # --- settings: edit here, or override on the command line: --n_epochs=100 --arch=unet
@@ -311,14 +312,17 @@ def train_one_epoch(model, optimiser, loader, epoch, train, train_sigma, train_n
 
 
 def validation_mse(model, val, train_sigma, chunk_size=256):
-    """Mean squared error of the denoised validation images, chunk_size images in memory at a time."""
+    """Mean squared error of the denoised validation images over their own pixels (not the zero padding that
+    stacks scans of other sizes, which holds no noise and would count as perfectly denoised), chunk_size images
+    in memory at a time."""
     squared_error, n_pixels = 0.0, 0
     for start in range(0, len(val["rows"]), chunk_size):
         rows = val["rows"][start:start + chunk_size]
         clean = np.asarray(val["clean"][rows])
-        denoised = denoise_slices(model, np.asarray(val["noisy"][rows]), train_sigma)
-        squared_error += float(np.sum((denoised - clean) ** 2, dtype=np.float64))
-        n_pixels += clean.size
+        squared = (denoise_slices(model, np.asarray(val["noisy"][rows]), train_sigma) - clean) ** 2
+        inside = unpadded(val["image_shape"][rows], clean.shape[1:])
+        squared_error += float(np.sum(squared if inside.all() else squared[inside], dtype=np.float64))
+        n_pixels += int(inside.sum())
     return squared_error / n_pixels
 
 
@@ -442,7 +446,8 @@ def main():
     arrays, dataset_settings = load_dataset(dataset_path)
     train = {"rows": training_rows(arrays), "clean": arrays["clean"], "noisy": arrays["noisy"],
              "partner_index": arrays["partner_index"]}
-    val = {"rows": np.flatnonzero(arrays["split"] == "val"), "clean": arrays["clean"], "noisy": arrays["noisy"]}
+    val = {"rows": np.flatnonzero(arrays["split"] == "val"), "clean": arrays["clean"], "noisy": arrays["noisy"],
+           "image_shape": arrays["image_shape"]}
     n_train = len(train["rows"])
     check_dataset_fits(n_train, len(val["rows"]))
     train_sigma = float(dataset_settings["noise_sigma"])

@@ -66,7 +66,7 @@ def load_test_split(path):
     """The test split's clean, noisy and mask slices, and the dataset's settings."""
     arrays, dataset_settings = load_dataset(path)
     test = arrays["split"] == "test"
-    return {k: np.asarray(arrays[k][test]) for k in ("clean", "noisy", "mask")}, dataset_settings
+    return {k: np.asarray(arrays[k][test]) for k in ("clean", "noisy", "mask", "image_shape")}, dataset_settings
 
 
 def removes_rician_floor(metadata):
@@ -84,8 +84,11 @@ def evaluate_on_test_split(model, metadata, bfloat16):
     if floor_removed:
         denoised = remove_rician_floor(denoised, dataset_sigma)
     seconds_per_slice = (time.perf_counter() - started) / len(denoised)
-    noisy_metrics = [image_metrics(c, n, m) for c, n, m in zip(test["clean"], test["noisy"], test["mask"])]
-    denoised_metrics = [image_metrics(c, d, m) for c, d, m in zip(test["clean"], denoised, test["mask"])]
+    # each slice's own pixels: the zero padding that stacks scans of other sizes holds no noise
+    own = [(slice(0, h), slice(0, w)) for h, w in test["image_shape"]]
+    noisy_metrics, denoised_metrics = ([image_metrics(c[o], x[o], m[o]) for c, x, m, o in
+                                        zip(test["clean"], estimates, test["mask"], own)]
+                                       for estimates in (test["noisy"], denoised))
     results = {"model": model_path, "dataset": dataset_path, "n_test_slices": len(denoised),
                "noise_sigma": dataset_sigma, "self_ensemble": self_ensemble,
                "rician_floor_removed": floor_removed,

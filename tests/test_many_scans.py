@@ -11,7 +11,7 @@ import torch
 import make_dataset
 import train_autoencoder
 from common import load_dataset, load_npz, save_npz
-from conftest import phantom_volume, run_in_process, write_nifti
+from conftest import phantom_volume, run_in_process, run_script, write_nifti
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,36 @@ def test_training_on_the_memory_mapped_file_equals_training_on_arrays_in_memory(
         assert torch.equal(weights, in_memory["state_dict"][name]), name
     assert mapped["metadata"]["split_scans"] == {k: [s] for k, s in zip(
         ("train", "val", "test"), [int(arrays["scan_index"][arrays["split"] == k][0]) for k in ("train", "val", "test")])}
+
+
+class Identity(torch.nn.Module):
+    """A stand-in network that changes nothing: its error is the noise itself."""
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # where the denoiser finds the device
+
+    def forward(self, images, noise_sigma):
+        return images
+
+
+def test_the_zero_padding_of_smaller_scans_counts_in_no_validation_mse_nor_metric(tmp_path):
+    """Two scans of different sizes (the split by slice position holds both in every split): the smaller one's
+    padding holds no noise, and once counted as perfectly denoised pixels (val MSE 2.15e-3 for noise of 3.6e-3)."""
+    from common import unpadded
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    write_nifti(folder / "big.nii.gz", phantom_volume((40, 36, 8, 2), seed=1))
+    write_nifti(folder / "small.nii.gz", phantom_volume((20, 16, 8, 2), seed=2))
+    dataset = tmp_path / "two.npz"
+    run_in_process(make_dataset, f"--input_paths={folder / '*.nii.gz'}", f"--output={dataset}", "--noise_sigma=0.1",
+                   "--min_foreground_fraction=0")
+    arrays, _ = load_dataset(dataset)
+    assert {tuple(s) for s in arrays["image_shape"].tolist()} == {(40, 36), (20, 16)}
+    val_rows = np.flatnonzero(arrays["split"] == "val")
+    val = {"rows": val_rows, "clean": arrays["clean"], "noisy": arrays["noisy"], "image_shape": arrays["image_shape"]}
+    assert not unpadded(arrays["image_shape"][val_rows], arrays["clean"].shape[1:]).all()  # some padding is scored
+    assert train_autoencoder.validation_mse(Identity(), val, 0.1) == pytest.approx(0.01, rel=0.05)
+    run_script("use_trained_autoencoder", f"--dataset_path={dataset}", f"--examples_dir={tmp_path}")
+    (metrics,) = tmp_path.glob("metrics_*.json")
+    noisy = json.loads(metrics.read_text())["noisy"]
+    assert noisy["psnr_image"]["mean"] == pytest.approx(20.0, abs=0.5)  # noise of sigma 0.1 over the slices' own pixels
