@@ -744,7 +744,7 @@ def slice_noise_sigma(image, magnitude=None, zero=0.0):
       divided by 0.655 first, or a scan with much background gets too low a sigma (0.047 for 0.06). "Dark"
       counts from `zero`, the value of zero signal on the slice's scale: below 0 for a scan scaled so that its
       1st percentile is 0 and that has no background (a cropped field of view), whose darkest tissue would
-      otherwise be taken for noise-only background (8% high).
+      otherwise be taken for noise-only background (more than 5% high in the test).
     Coefficients that read exact zeros (a background the scanner masked) are left out. The estimate still
     reads anatomy as noise where every position has some, as in very small slices of a head (17x21 voxels: up
     to 20% high at 0.06). A slice thinner than 4 pixels gives 0. magnitude: whether the image is one; None guesses it from the values
