@@ -728,6 +728,16 @@ MAGNITUDE_NEGATIVE_FRACTION = 0.02          # the guess when the caller does not
                                             # 0, Gaussian noise on a dark background about half of that background
 
 
+MAGNITUDE_NEGATIVE_SHARE = 0.005  # a scan with at most this share of negative voxels is a magnitude image: resampling
+                                  # with spline or sinc interpolation leaves a few, Gaussian noise around 0 many
+
+
+def is_magnitude_image(samples):
+    """Whether a scan, from its voxels in its own units (or an even subsample of them), is a magnitude image (nearly
+    no negative voxel), whose dark background holds Rayleigh, not Gaussian, noise."""
+    return bool(np.mean(samples < 0) <= MAGNITUDE_NEGATIVE_SHARE)
+
+
 def slice_noise_sigma(image, magnitude=None, zero=0.0):
     """Noise sigma of one 2D slice from its finest diagonal wavelet coefficients (Donoho's MAD estimate:
     median |coefficient| / 0.6745), read where the slice has least structure. Three details keep anatomy

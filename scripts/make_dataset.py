@@ -8,7 +8,8 @@ import tempfile
 import numpy as np
 
 from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, check_output_path, estimate_noise_sigma,
-                    foreground_mask, load_nifti, normalise, package_versions, percentile_range, run_main, save_npz)
+                    foreground_mask, is_magnitude_image, load_nifti, normalise, package_versions, percentile_range,
+                    run_main, save_npz)
 
 # --- settings: edit here, or override on the command line: --noise_sigma=0.09 --input_paths=a.nii.gz,b.nii.gz
 input_paths = [BUNDLED_SCAN]      # 3D or 4D NIfTI files; globs ("scans/*.nii.gz") are expanded
@@ -55,7 +56,8 @@ def expand_paths(paths):
 def load_scan(path):
     """Normalised first n_timepoints volumes of one scan: (X, Y, Z, T) float32, the low and high percentiles
     at 0 and 1 (unclipped: the brightest voxels lie above 1, as use_trained_autoencoder.py gives them to the
-    network), and (low, high)."""
+    network), (low, high) and the noise the scan holds itself on that scale, measured only without
+    synthetic noise (0 otherwise; own_noise_sigma)."""
     _, data = load_nifti(path)
     volumes = data[..., None] if data.ndim == 3 else data[..., :n_timepoints]
     if min(volumes.shape[:2]) < MIN_SLICE_SIZE:
@@ -64,7 +66,17 @@ def load_scan(path):
     if volumes.min() == volumes.max():
         raise InputError(f"{path} is constant (every voxel {volumes.flat[0]:g}): nothing to denoise")
     low, high = percentile_range(volumes, low_percentile, high_percentile)
-    return normalise(volumes, low, high, clip=clip_to_unit_range), (low, high)
+    own_sigma = own_noise_sigma(volumes, low, high) if noise_sigma == 0 else 0.0
+    return normalise(volumes, low, high, clip=clip_to_unit_range), (low, high), own_sigma
+
+
+def own_noise_sigma(volumes, low, high):
+    """The noise sigma of a scan's first volume, on the scale where low and high are 0 and 1: what a network
+    with a noise-level input is told in training on a real series (noise_sigma 0), as use_trained_autoencoder.py
+    tells it the same estimate of a scan it denoises. Measured in the scan's own units, where a background
+    the scanner set to 0 is still exactly 0 (the estimate leaves it out)."""
+    first_volume = np.moveaxis(volumes[:, :, :, 0], 2, 0)
+    return estimate_noise_sigma(first_volume, is_magnitude_image(volumes)) / (high - low)
 
 
 def select_slices(head_mask, path, constant):
@@ -144,11 +156,11 @@ def pad_to_shape(slices, shape):
 def describe_scan(path, scan_index):
     """What the split and the layout of the output need from one scan. Its voxels are not kept, so
     that only one scan is in memory at a time; write_dataset reads it again."""
-    volumes, (low, high) = load_scan(path)
+    volumes, (low, high), own_sigma = load_scan(path)
     head_mask = foreground_mask(volumes.mean(axis=3))
     constant = volumes.min(axis=(0, 1, 3)) == volumes.max(axis=(0, 1, 3))  # per slice position
     return {"path": path, "index": scan_index, "mask": head_mask, "positions": select_slices(head_mask, path, constant),
-            "n_time": volumes.shape[3], "low": low, "high": high}
+            "n_time": volumes.shape[3], "low": low, "high": high, "own_noise_sigma": own_sigma}
 
 
 def assign_splits(scans):
@@ -196,7 +208,7 @@ def write_dataset(path, scans, split_of, n_realisations, extra_arrays):
         columns = {k: [] for k in ("scan_index", "slice_index", "time_index", "split", "partner_index", "image_shape")}
         start = 0
         for scan in scans:
-            volumes, _ = load_scan(scan["path"])
+            volumes, _, _ = load_scan(scan["path"])
             for z in scan["positions"]:
                 clean = np.repeat(np.moveaxis(volumes[:, :, z, :], 2, 0), n_realisations, axis=0)  # (T * R, x, y)
                 draws = np.random.default_rng([seed, scan["index"], z]).standard_normal((2, *clean.shape), dtype=np.float32)
@@ -237,13 +249,17 @@ def main():
     # without noise every realisation would be the same image
     n_realisations = max(1, round(target_n_images / n_clean)) if noise_sigma > 0 else 1
     settings.update(input_paths=paths, n_noise_realisations=n_realisations, versions=package_versions())
+    if noise_sigma == 0:  # a real series: its own noise is the noise, and a network with a noise-level input is told it
+        settings["own_noise_sigma"] = float(np.median([s["own_noise_sigma"] for s in scans]))
     extra_arrays = {"scan_paths": np.array(paths),
                     "norm_low": np.array([s["low"] for s in scans], dtype=np.float64),
                     "norm_high": np.array([s["high"] for s in scans], dtype=np.float64),
                     "settings_json": np.array(json.dumps(settings, sort_keys=True))}
     columns, shape = write_dataset(output_path, scans, split_of, n_realisations, extra_arrays)
     print(f"{len(columns['split'])} image pairs of {shape[0]}x{shape[1]} from {len(paths)} scan(s), "
-          f"{n_realisations} noise realisation(s) per clean slice")
+          + (f"{n_realisations} noise realisation(s) per clean slice" if noise_sigma else
+             f"no noise added: the scans' own noise, sigma {settings['own_noise_sigma']:.4f} (median over scans), is "
+             "the noise"))
     for name in ("train", "val", "test"):
         chosen = columns["split"] == name
         groups = (f"scans {sorted(set(columns['scan_index'][chosen].tolist()))}" if len(paths) >= 3 else

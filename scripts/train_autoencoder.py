@@ -255,7 +255,8 @@ def make_batch(indices, epoch, train, train_sigma, train_noise_model, device):
         pairs.append(make_training_pair(images, epoch, i, train_sigma, train_noise_model))
     noisy = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None]).to(device)
     target = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None]).to(device)
-    sigma = torch.tensor([p[2] for p in pairs], dtype=torch.float32, device=device)
+    # images without added noise hold their own, and the network is told its level as at use
+    sigma = torch.tensor([p[2] or train["own_noise_sigma"] for p in pairs], dtype=torch.float32, device=device)
     return noisy.contiguous(memory_format=torch.channels_last), target, sigma
 
 
@@ -311,7 +312,7 @@ def train_one_epoch(model, optimiser, loader, epoch, train, train_sigma, train_n
     return float(loss_sum[0] / loss_sum[1])
 
 
-def validation_mse(model, val, train_sigma, chunk_size=256):
+def validation_mse(model, val, noise_sigma, chunk_size=256):
     """Mean squared error of the denoised validation images over their own pixels (not the zero padding that
     stacks scans of other sizes, which holds no noise and would count as perfectly denoised), chunk_size images
     in memory at a time."""
@@ -319,7 +320,7 @@ def validation_mse(model, val, train_sigma, chunk_size=256):
     for start in range(0, len(val["rows"]), chunk_size):
         rows = val["rows"][start:start + chunk_size]
         clean = np.asarray(val["clean"][rows])
-        squared = (denoise_slices(model, np.asarray(val["noisy"][rows]), train_sigma) - clean) ** 2
+        squared = (denoise_slices(model, np.asarray(val["noisy"][rows]), noise_sigma) - clean) ** 2
         inside = unpadded(val["image_shape"][rows], clean.shape[1:])
         squared_error += float(np.sum(squared if inside.all() else squared[inside], dtype=np.float64))
         n_pixels += int(inside.sum())
@@ -445,12 +446,14 @@ def main():
     keep_freed_memory()
     arrays, dataset_settings = load_dataset(dataset_path)
     train = {"rows": training_rows(arrays), "clean": arrays["clean"], "noisy": arrays["noisy"],
-             "partner_index": arrays["partner_index"]}
+             "partner_index": arrays["partner_index"],
+             "own_noise_sigma": float(dataset_settings.get("own_noise_sigma", 0.0))}  # a real series' own noise
     val = {"rows": np.flatnonzero(arrays["split"] == "val"), "clean": arrays["clean"], "noisy": arrays["noisy"],
            "image_shape": arrays["image_shape"]}
     n_train = len(train["rows"])
     check_dataset_fits(n_train, len(val["rows"]))
-    train_sigma = float(dataset_settings["noise_sigma"])
+    train_sigma = float(dataset_settings["noise_sigma"])  # the noise added to the clean images
+    told_sigma = train_sigma or train["own_noise_sigma"]  # the noise level the network is told without a range
     train_noise_model = noise_model or dataset_settings["noise_model"]
     if train_noise_model not in ("gaussian", "rician"):
         raise InputError(f"noise_model={train_noise_model!r}; expected 'gaussian' or 'rician'")
@@ -496,7 +499,9 @@ def main():
         print(f"{arch} ({count_parameters(model):,} parameters) on {device} x{world_size}, "
               f"{n_train} training and {len(val['rows'])} validation images, "
               f"{train_noise_model} noise sigma "
-              + (f"{noise_sigma_range[0]}-{noise_sigma_range[1]}" if noise_sigma_range else f"{train_sigma}"))
+              + (f"{noise_sigma_range[0]}-{noise_sigma_range[1]}" if noise_sigma_range else f"{train_sigma}")
+              + (f" (no noise added: the network is told the images' own, sigma {told_sigma:.4f})"
+                 if told_sigma != train_sigma and not noise_sigma_range else ""))
 
     # Ctrl-C or SIGTERM: stop before the next batch and save the state of the last completed epoch
     stop_requested = []
@@ -520,7 +525,7 @@ def main():
             history["train_mse"].append(train_mse)
             if rank == 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == n_epochs):
                 history["val_epoch"].append(epoch + 1)
-                history["val_mse"].append(validation_mse(model.eval(), val, train_sigma))
+                history["val_mse"].append(validation_mse(model.eval(), val, told_sigma))
                 progress.set_postfix(train_mse=f"{train_mse:.2e}", val_mse=f"{history['val_mse'][-1]:.2e}")
             last_state = training_state(model, optimiser, epoch + 1, history, run_data)
             if rank == 0 and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == n_epochs):
@@ -540,7 +545,7 @@ def main():
         "format_version": CHECKPOINT_FORMAT, "arch": arch, "arch_args": arch_args,
         "n_parameters": count_parameters(model), "noise_map": uses_noise_map(model),
         "noise_model": train_noise_model, "noise_sigma": train_sigma, "training_target": training_target,
-        "noise_sigma_range": list(noise_sigma_range) or [train_sigma, train_sigma],
+        "noise_sigma_range": list(noise_sigma_range) or [told_sigma, told_sigma],
         "normalisation": {"method": "percentile", "low_percentile": dataset_settings["low_percentile"],
                           "high_percentile": dataset_settings["high_percentile"]},
         "dataset": dataset_path, "dataset_settings": dataset_settings,
@@ -561,7 +566,7 @@ def main():
     plot_path = save_figure(plot_loss_curves(history, title), output_paths["plot"])
     examples = val["rows"][np.linspace(0, len(val["rows"]) - 1, 5).astype(int)]
     noisy, clean, mask = (np.asarray(arrays[k][examples]) for k in ("noisy", "clean", "mask"))
-    figure = plot_denoising_grid(noisy, denoise_slices(model.eval(), noisy, train_sigma), clean, mask,
+    figure = plot_denoising_grid(noisy, denoise_slices(model.eval(), noisy, told_sigma), clean, mask,
                                  f"{title}: validation slices")
     grid_path = save_figure(figure, output_paths["examples"])
     print(f"trained in {seconds:.0f} s; final validation MSE {history['val_mse'][-1]:.3e}")

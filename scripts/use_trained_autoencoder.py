@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from common import (ADAPTATION_LOSSES, DEFAULT_MODEL, InputError, adapt_to_slices, apply_overrides, atomic_write,
                     check_file_exists, check_output_path, check_self_ensemble, denoise_adapted, denoise_slices,
-                    estimate_noise_sigma, foreground_mask, image_metrics, keep_freed_memory, keeps_rician_floor,
-                    load_checkpoint, load_dataset, load_nifti, normalise, percentile_range, plot_denoising_grid,
-                    remove_rician_floor, run_main, save_figure, save_json, summarise_metrics, tsnr_map, usable_cores,
-                    use_bfloat16)
+                    estimate_noise_sigma, foreground_mask, image_metrics, is_magnitude_image, keep_freed_memory,
+                    keeps_rician_floor, load_checkpoint, load_dataset, load_nifti, normalise, percentile_range,
+                    plot_denoising_grid, remove_rician_floor, run_main, save_figure, save_json, summarise_metrics,
+                    tsnr_map, usable_cores, use_bfloat16)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = DEFAULT_MODEL        # common.py names the shipped default, for every script
@@ -56,8 +56,6 @@ OUTLIER_WARN_FRACTION = 0.001  # more voxels than this beyond OUTLIER_RANGE are 
 MIN_ADAPT_SIZE = 8       # pixels: the adaptation's patches and held-out checks need slices at least this wide
 SMALL_SLICE = 32         # pixels: in slices narrower than this the noise estimate reads much of the anatomy as noise
 MAX_NOISE_SIGMA = 1.0    # a noise_sigma as large as the scan's range is no noise level: most likely one in scanner units
-MAGNITUDE_NEGATIVE_SHARE = 0.005  # a scan with at most this share of negative voxels is a magnitude image: resampling
-                                  # with spline or sinc interpolation leaves a few, Gaussian noise around 0 many
 
 
 # --- evaluation on the test split -------------------------------------------------------------
@@ -77,6 +75,10 @@ def removes_rician_floor(metadata):
 def evaluate_on_test_split(model, metadata, bfloat16):
     test, dataset_settings = load_test_split(dataset_path)
     dataset_sigma = float(dataset_settings["noise_sigma"])
+    if dataset_sigma == 0:
+        raise InputError(f"{dataset_path} holds no added noise (made with noise_sigma=0), so its test slices are their "
+                         "own reference and PSNR cannot be measured; denoise the scan with --input_path (and "
+                         "--report for a 4D series' temporal SNR), or make a dataset with noise to score on")
     started = time.perf_counter()
     denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size, self_ensemble=self_ensemble,
                               bfloat16=bfloat16)
@@ -154,12 +156,6 @@ def even_subsample(data, max_samples=2_000_000):
     step = max(1, data.size // max_samples)
     # ravel in memory order: NIfTI data is Fortran-ordered, and reshape(-1) would copy all of it
     return data.ravel(order="K")[::step]
-
-
-def is_magnitude_image(samples):
-    """Whether a scan, from an even subsample of its voxels, is a magnitude image (nearly no negative voxel), whose
-    dark background holds Rayleigh, not Gaussian, noise."""
-    return bool(np.mean(samples < 0) <= MAGNITUDE_NEGATIVE_SHARE)
 
 
 def slices_view(data):

@@ -116,6 +116,34 @@ def test_self_supervised_training_runs_and_learns(paired_dataset, tmp_path, targ
     assert history["val_mse"][-1] < history["val_mse"][0]
 
 
+def test_a_real_series_trains_a_noise_map_network_told_its_own_noise(tmp_path, tiny_scan):
+    # without added noise, the images' own noise is what the network must be told, in training as at use
+    # (use_trained_autoencoder.py estimates it), not 0
+    import json
+
+    import nibabel as nib
+    from common import percentile_range
+    dataset = tmp_path / "real.npz"
+    result = run_script("make_dataset", f"--input_paths={tiny_scan}", f"--output={dataset}", "--noise_sigma=0",
+                        "--pairing=time")
+    with np.load(dataset) as archive:
+        own_sigma = json.loads(str(archive["settings_json"]))["own_noise_sigma"]
+    low, high = percentile_range(np.asarray(nib.load(tiny_scan).dataobj, dtype=np.float32), 1.0, 99.0)
+    assert own_sigma == pytest.approx(5.0 / (high - low), rel=0.15)  # the phantom's noise: 5 in its own units
+    assert "the scans' own noise" in result.stdout
+    run_script("train_autoencoder", f"--dataset_path={dataset}", f"--models_dir={tmp_path}", f"--plots_dir={tmp_path}",
+               f"--examples_dir={tmp_path}", "--arch=dncnn", '--arch_args={"depth": 3, "width": 8, "noise_map": true}',
+               "--n_epochs=1", "--batch_size=4", "--patch_size=16", "--training_target=time_partner", "--fresh_noise=false")
+    model_file = next(p for p in tmp_path.glob("*.pt") if not p.name.endswith(".resume.pt"))
+    metadata = torch.load(model_file, weights_only=True)["metadata"]
+    assert metadata["noise_sigma_range"] == [own_sigma, own_sigma]
+    evaluation = run_script("use_trained_autoencoder", f"--model_path={model_file}", f"--dataset_path={dataset}",
+                            f"--examples_dir={tmp_path}", check=False)
+    assert evaluation.returncode != 0
+    assert "holds no added noise" in evaluation.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.glob("metrics_*.json"))
+
+
 def test_time_partner_training_needs_a_paired_dataset(tmp_path, tiny_scan):
     run_script("make_dataset", f"--input_paths={tiny_scan}", f"--output={tmp_path / 'plain.npz'}")
     result = run_script("train_autoencoder", f"--dataset_path={tmp_path / 'plain.npz'}", "--training_target=time_partner",
