@@ -61,10 +61,25 @@ MAX_NOISE_SIGMA = 1.0    # a noise_sigma as large as the scan's range is no nois
 # --- evaluation on the test split -------------------------------------------------------------
 
 def load_test_split(path):
-    """The test split's clean, noisy and mask slices, and the dataset's settings."""
+    """The test split's clean, noisy and mask slices (with each one's scan and slice position), and the dataset's
+    settings."""
     arrays, dataset_settings = load_dataset(path)
     test = arrays["split"] == "test"
-    return {k: np.asarray(arrays[k][test]) for k in ("clean", "noisy", "mask", "image_shape")}, dataset_settings
+    return ({k: np.asarray(arrays[k][test]) for k in ("clean", "noisy", "mask", "image_shape", "scan_index",
+                                                       "slice_index")}, dataset_settings)
+
+
+def trained_on_test_slices(metadata, test, dataset_settings):
+    """Sorted (scan file name, slice position) of the test slices that the network was trained on: a scan of the
+    same file name among its training scans, at one of its training positions (a dataset made with another seed
+    or slice range splits the same scan differently). Their scores are not held out."""
+    trained_settings = metadata.get("dataset_settings", {})
+    trained_scans = {os.path.basename(path) for index, path in enumerate(trained_settings.get("input_paths", []))
+                     if index in metadata.get("split_scans", {}).get("train", [])}
+    trained_positions = set(metadata.get("split", {}).get("train", []))
+    test_scans = [os.path.basename(path) for path in dataset_settings["input_paths"]]
+    return sorted({(test_scans[scan], int(z)) for scan, z in zip(test["scan_index"], test["slice_index"])
+                   if test_scans[scan] in trained_scans and z in trained_positions})
 
 
 def removes_rician_floor(metadata):
@@ -79,6 +94,12 @@ def evaluate_on_test_split(model, metadata, bfloat16):
         raise InputError(f"{dataset_path} holds no added noise (made with noise_sigma=0), so its test slices are their "
                          "own reference and PSNR cannot be measured; denoise the scan with --input_path (and "
                          "--report for a 4D series' temporal SNR), or make a dataset with noise to score on")
+    leaked = trained_on_test_slices(metadata, test, dataset_settings)
+    if leaked:
+        shown = ", ".join(f"{scan} {z}" for scan, z in leaked[:6]) + (", ..." if len(leaked) > 6 else "")
+        print(f"warning: {os.path.basename(model_path)} was trained on {len(leaked)} of the test slice positions of "
+              f"{dataset_path} ({shown}): their scores are not held out; evaluate on the dataset it was trained "
+              "with, or one made with the same seed and slices")
     started = time.perf_counter()
     denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size, self_ensemble=self_ensemble,
                               bfloat16=bfloat16)
@@ -92,6 +113,7 @@ def evaluate_on_test_split(model, metadata, bfloat16):
                                         zip(test["clean"], estimates, test["mask"], own)]
                                        for estimates in (test["noisy"], denoised))
     results = {"model": model_path, "dataset": dataset_path, "n_test_slices": len(denoised),
+               "test_positions_trained_on": [list(pair) for pair in leaked],
                "noise_sigma": dataset_sigma, "self_ensemble": self_ensemble,
                "rician_floor_removed": floor_removed,
                "precision": "bfloat16" if bfloat16 else "float32", "seconds_per_slice": seconds_per_slice,

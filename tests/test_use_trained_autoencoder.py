@@ -55,6 +55,23 @@ def test_evaluation_writes_metrics_and_figures(trained, tmp_path):
                                                               f"denoising_5x3_{model.stem}_test.png"]
 
 
+def test_evaluation_warns_when_the_network_was_trained_on_test_positions(trained, tmp_path):
+    model, dataset = trained
+    held_out = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
+                          f"--examples_dir={tmp_path}")
+    assert "not held out" not in held_out.stdout
+    scan = dataset.parent / "tiny.nii.gz"
+    resplit = tmp_path / "resplit.npz"  # the same scan, split by another seed
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={resplit}", "--target_n_images=60",
+               f"--noise_sigma={SIGMA}", "--seed=3")
+    result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={resplit}",
+                        f"--examples_dir={tmp_path}")
+    assert "their scores are not held out" in result.stdout
+    metrics = json.loads((tmp_path / f"metrics_{model.stem}.json").read_text())
+    assert metrics["test_positions_trained_on"] and all(name == "tiny.nii.gz"
+                                                        for name, _ in metrics["test_positions_trained_on"])
+
+
 def test_evaluation_in_float32_and_bfloat16_agree(trained, tmp_path):
     model, dataset = trained
     psnr = {}
