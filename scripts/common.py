@@ -19,6 +19,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 BUNDLED_SCAN = str(importlib.resources.files("nibabel") / "tests" / "data" / "example4d.nii.gz")
 # the scripts' default network
 DEFAULT_MODEL = "trained_models/autoencoder_dncnn_blind_bf16_b4_unclipped_darkleaves_200epochs_672images.pt"
+# a noise sigma as large as the scan's 1st-99th percentile range (the [0, 1] scale) is no noise level: most likely
+# one in the scanner's units
+MAX_NOISE_SIGMA = 1.0
 
 
 class InputError(Exception):

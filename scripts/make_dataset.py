@@ -7,9 +7,9 @@ import tempfile
 
 import numpy as np
 
-from common import (BUNDLED_SCAN, InputError, add_noise, apply_overrides, check_output_path, estimate_noise_sigma,
-                    foreground_mask, is_magnitude_image, load_nifti, normalise, package_versions, percentile_range,
-                    run_main, save_npz)
+from common import (BUNDLED_SCAN, MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, check_output_path,
+                    estimate_noise_sigma, foreground_mask, is_magnitude_image, load_nifti, normalise, package_versions,
+                    percentile_range, run_main, save_npz)
 
 # --- settings: edit here, or override on the command line: --noise_sigma=0.09 --input_paths=a.nii.gz,b.nii.gz
 input_paths = [BUNDLED_SCAN]      # 3D or 4D NIfTI files; globs ("scans/*.nii.gz") are expanded
@@ -120,8 +120,9 @@ def split_groups(groups, rng, what):
 def check_settings():
     if n_timepoints < 1:
         raise InputError(f"n_timepoints={n_timepoints}; expected 1 or more")
-    if noise_sigma < 0:
-        raise InputError(f"noise_sigma={noise_sigma}; expected 0 or more")
+    if not 0 <= noise_sigma < MAX_NOISE_SIGMA:
+        raise InputError(f"noise_sigma={noise_sigma}; expected 0 or more and below {MAX_NOISE_SIGMA}, on the [0, 1] "
+                         "scale of the scan's 1st-99th percentile range (0.06 is strong noise), not the scan's units")
     if not 0 <= low_percentile < high_percentile <= 100:
         raise InputError(f"low_percentile={low_percentile}, high_percentile={high_percentile}; expected 0 <= low < high <= 100")
     if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:

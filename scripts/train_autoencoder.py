@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from common import (InputError, add_noise, apply_overrides, atomic_write, check_file_exists, check_output_path,
-                    denoise_slices, keep_freed_memory, load_dataset, native_bfloat16, neighbor2neighbor_loss,
-                    package_versions, pick_device, plot_denoising_grid, recorrupt, run_main, save_figure, unpadded,
-                    usable_cores)
+from common import (MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, atomic_write, check_file_exists,
+                    check_output_path, denoise_slices, keep_freed_memory, load_dataset, native_bfloat16,
+                    neighbor2neighbor_loss, package_versions, pick_device, plot_denoising_grid, recorrupt, run_main,
+                    save_figure, unpadded, usable_cores)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
 
 # --- settings: edit here, or override on the command line: --n_epochs=100 --arch=unet
@@ -100,8 +100,10 @@ def check_settings(world_size):
         problems.append(f"precision={precision!r}; expected one of float32, bfloat16")
     if lr_schedule not in ("constant", "cosine"):
         problems.append(f"lr_schedule={lr_schedule!r}; expected 'constant' or 'cosine'")
-    if noise_sigma_range and (len(noise_sigma_range) != 2 or not 0 <= noise_sigma_range[0] <= noise_sigma_range[1]):
-        problems.append(f"noise_sigma_range={noise_sigma_range}; expected low,high with 0 <= low <= high")
+    if noise_sigma_range and (len(noise_sigma_range) != 2
+                              or not 0 <= noise_sigma_range[0] <= noise_sigma_range[1] < MAX_NOISE_SIGMA):
+        problems.append(f"noise_sigma_range={noise_sigma_range}; expected low,high with 0 <= low <= high < "
+                        f"{MAX_NOISE_SIGMA} (the [0, 1] scale of the scans' 1st-99th percentile range)")
     if training_target not in ("clean", "time_partner", "neighbor2neighbor", "recorrupted"):
         problems.append(f"training_target={training_target!r}; expected 'clean', 'time_partner', "
                         "'neighbor2neighbor' or 'recorrupted'")

@@ -14,12 +14,12 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from common import (ADAPTATION_LOSSES, DEFAULT_MODEL, InputError, adapt_to_slices, apply_overrides, atomic_write,
-                    check_file_exists, check_output_path, check_self_ensemble, denoise_adapted, denoise_slices,
-                    estimate_noise_sigma, foreground_mask, image_metrics, is_magnitude_image, keep_freed_memory,
-                    keeps_rician_floor, load_checkpoint, load_dataset, load_nifti, normalise, percentile_range,
-                    plot_denoising_grid, remove_rician_floor, run_main, save_figure, save_json, summarise_metrics,
-                    tsnr_map, usable_cores, use_bfloat16)
+from common import (ADAPTATION_LOSSES, DEFAULT_MODEL, MAX_NOISE_SIGMA, InputError, adapt_to_slices, apply_overrides,
+                    atomic_write, check_file_exists, check_output_path, check_self_ensemble, denoise_adapted,
+                    denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics, is_magnitude_image,
+                    keep_freed_memory, keeps_rician_floor, load_checkpoint, load_dataset, load_nifti, normalise,
+                    percentile_range, plot_denoising_grid, remove_rician_floor, run_main, save_figure, save_json,
+                    summarise_metrics, tsnr_map, usable_cores, use_bfloat16)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = DEFAULT_MODEL        # common.py names the shipped default, for every script
@@ -55,7 +55,6 @@ THICK_AXIS_RATIO = 2.0   # voxels this much thicker along another axis than alon
 OUTLIER_WARN_FRACTION = 0.001  # more voxels than this beyond OUTLIER_RANGE are no spikes (0 in nibabel's real scans)
 MIN_ADAPT_SIZE = 8       # pixels: the adaptation's patches and held-out checks need slices at least this wide
 SMALL_SLICE = 32         # pixels: in slices narrower than this the noise estimate reads much of the anatomy as noise
-MAX_NOISE_SIGMA = 1.0    # a noise_sigma as large as the scan's range is no noise level: most likely one in scanner units
 
 
 # --- evaluation on the test split -------------------------------------------------------------

@@ -171,7 +171,9 @@ def fail(*args, **kwargs):
     ("train", ["--noise_sigma_range=-0.1,0.1"], "noise_sigma_range=[-0.1, 0.1]"),
     ("train", ["--arch=nonsense"], "arch='nonsense'"),
     ("train", ["--batch_size=16"], f"{TRAIN_IMAGES} training images, fewer than batch_size=16"),
+    ("train", ["--noise_sigma_range=0.01,25"], "the [0, 1] scale"),
     ("make", ["--noise_sigma=-0.01"], "noise_sigma=-0.01"),
+    ("make", ["--noise_sigma=25"], "not the scan's units"),  # a sigma in scanner units
     ("make", ["--val_fraction=0.5", "--test_fraction=0.5"], "val_fraction=0.5"),
     ("make", ["--slice_range=1,3"], "2 slice positions cannot be split into non-empty train, val and test"),
 ])
