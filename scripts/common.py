@@ -562,8 +562,15 @@ def unpadded(image_shapes, shape):
 
 
 def unique_clean_slices(path, split):
-    """Distinct clean slices (n, H, W) and masks of one split (the .npz repeats them once per noise draw)."""
+    """Distinct clean slices (n, H, W) and masks of one split (the .npz repeats them once per noise draw), for
+    the benchmarks, which score and add noise to whole slices: a dataset that zero-pads scans of other sizes
+    to one is refused (the padding would count as perfectly denoised pixels)."""
     arrays, settings = load_dataset(path)
+    if np.any(arrays["image_shape"] != arrays["clean"].shape[1:]):
+        sizes = sorted({tuple(size) for size in arrays["image_shape"].tolist()})
+        raise InputError(f"{path} holds slices of {len(sizes)} sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}), "
+                         f"zero-padded to {arrays['clean'].shape[1]}x{arrays['clean'].shape[2]}; the benchmarks "
+                         "score whole slices: make the dataset from scans of one size")
     keys = np.stack([arrays["scan_index"], arrays["slice_index"], arrays["time_index"]], axis=1)
     chosen = arrays["split"] == split
     _, first = np.unique(keys[chosen], axis=0, return_index=True)

@@ -136,6 +136,8 @@ def check_settings():
         raise InputError(f"noise_model={noise_model!r}; expected 'gaussian' or 'rician'")
     if pairing not in ("none", "time"):
         raise InputError(f"pairing={pairing!r}; expected 'none' or 'time'")
+    if pairing == "time" and n_timepoints < 2:
+        raise InputError(f"pairing=time needs 2 or more volumes of a 4D scan, and n_timepoints={n_timepoints} keeps one")
     if max_pair_difference <= 0:
         raise InputError(f"max_pair_difference={max_pair_difference}; expected above 0")
 

@@ -454,6 +454,10 @@ def main():
            "image_shape": arrays["image_shape"]}
     n_train = len(train["rows"])
     check_dataset_fits(n_train, len(val["rows"]))
+    if patch_size > min(arrays["clean"].shape[1:]) and rank == 0:
+        height, width = arrays["clean"].shape[1:]
+        print(f"note: patch_size={patch_size} is larger than the {height}x{width} slices of {dataset_path}: each "
+              f"patch is cut to at most {min(patch_size, height)}x{min(patch_size, width)}")
     train_sigma = float(dataset_settings["noise_sigma"])  # the noise added to the clean images
     told_sigma = train_sigma or train["own_noise_sigma"]  # the noise level the network is told without a range
     train_noise_model = noise_model or dataset_settings["noise_model"]

@@ -10,7 +10,7 @@ import torch
 
 import make_dataset
 import train_autoencoder
-from common import load_dataset, load_npz, save_npz
+from common import InputError, load_dataset, load_npz, save_npz, unique_clean_slices
 from conftest import phantom_volume, run_in_process, run_script, write_nifti
 
 
@@ -165,3 +165,5 @@ def test_the_zero_padding_of_smaller_scans_counts_in_no_validation_mse_nor_metri
     (metrics,) = tmp_path.glob("metrics_*.json")
     noisy = json.loads(metrics.read_text())["noisy"]
     assert noisy["psnr_image"]["mean"] == pytest.approx(20.0, abs=0.5)  # noise of sigma 0.1 over the slices' own pixels
+    with pytest.raises(InputError, match="20x16, 40x36"):  # the benchmarks score whole slices: refused, not padded
+        unique_clean_slices(dataset, "test")

@@ -174,6 +174,7 @@ def fail(*args, **kwargs):
     ("train", ["--noise_sigma_range=0.01,25"], "the [0, 1] scale"),
     ("make", ["--noise_sigma=-0.01"], "noise_sigma=-0.01"),
     ("make", ["--noise_sigma=25"], "not the scan's units"),  # a sigma in scanner units
+    ("make", ["--pairing=time", "--n_timepoints=1"], "n_timepoints=1 keeps one"),  # not "the file has one volume"
     ("make", ["--val_fraction=0.5", "--test_fraction=0.5"], "val_fraction=0.5"),
     ("make", ["--slice_range=1,3"], "2 slice positions cannot be split into non-empty train, val and test"),
 ])
