@@ -428,7 +428,8 @@ def remove_rician_floor(denoised, noise_sigma):
     signal = (1 - weight) * RICIAN_SIGNAL_AT_U[index] + weight * RICIAN_SIGNAL_AT_U[index + 1]
     beyond_table = position > len(RICIAN_SIGNAL_AT_U) - 1
     if beyond_table.any():
-        signal = np.where(beyond_table, np.sqrt(np.maximum(np.square(in_sigmas) - 1, 0)), signal)
+        # sqrt(x^2 - 1) as x sqrt(1 - x^-2): x^2 overflows float32 for a sigma far below the image's values
+        signal = np.where(beyond_table, in_sigmas * np.sqrt(np.maximum(1 - np.square(1 / in_sigmas), 0)), signal)
     return (signal * np.float32(noise_sigma)).astype(np.float32)
 
 
@@ -748,6 +749,17 @@ def is_magnitude_image(samples):
     return bool(np.mean(samples < 0) <= MAGNITUDE_NEGATIVE_SHARE)
 
 
+def masked_pixels(image):
+    """Pixels of a 2D image that hold exactly 0, or exactly the value of a 5x5 region all at one value: a
+    background the scanner or a skull-stripping mask set to one value, which after scaling need not be 0.
+    Noise, even stored as whole numbers, does not give 25 equal neighbours."""
+    flat = ndimage.maximum_filter(image, 5, mode="nearest") == ndimage.minimum_filter(image, 5, mode="nearest")
+    masked = image == 0
+    if flat.any():
+        masked |= np.isin(image, np.unique(image[flat]))
+    return masked
+
+
 def slice_noise_sigma(image, magnitude=None, zero=0.0):
     """Noise sigma of one 2D slice from its finest diagonal wavelet coefficients (Donoho's MAD estimate:
     median |coefficient| / 0.6745), read where the slice has least structure. Three details keep anatomy
@@ -765,10 +777,10 @@ def slice_noise_sigma(image, magnitude=None, zero=0.0):
       counts from `zero`, the value of zero signal on the slice's scale: below 0 for a scan scaled so that its
       1st percentile is 0 and that has no background (a cropped field of view), whose darkest tissue would
       otherwise be taken for noise-only background (more than 5% high in the test).
-    Coefficients that read exact zeros (a background the scanner masked) are left out. The estimate still
-    reads anatomy as noise where every position has some, as in very small slices of a head (17x21 voxels: up
-    to 20% high at 0.06). A slice thinner than 4 pixels gives 0. magnitude: whether the image is one; None guesses it from the values
-    (see estimate_noise_sigma)."""
+    Coefficients that read a masked background (masked_pixels: exact zeros, or one value over whole regions)
+    are left out. The estimate still reads anatomy as noise where every position has some, as in very small
+    slices of a head (17x21 voxels: up to 20% high at 0.06). A slice thinner than 4 pixels gives 0. magnitude:
+    whether the image is one; None guesses it from the values (see estimate_noise_sigma)."""
     import pywt
     image = np.asarray(image, dtype=np.float64)
     height, width = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
@@ -779,10 +791,10 @@ def slice_noise_sigma(image, magnitude=None, zero=0.0):
     structure = ndimage.uniform_filter(horizontal ** 2 + vertical ** 2, 3, mode="wrap")
     inside = (slice(0, -1), slice(0, -1))  # the last row and column wrap around the slice's edges
     detail, local_mean, structure = np.abs(diagonal[inside]), local_sum[inside] / 2, structure[inside]
-    # the coefficients that read a pixel set to exactly 0 (a background the scanner masked) see less noise
-    zeros = image[:height, :width] == 0
-    reads_zeros = np.abs(pywt.dwt2(zeros.astype(np.float64), "db2", mode="periodization")[0][inside]) > 1e-6
-    kept = ~reads_zeros if zeros.any() else detail > 0
+    # the coefficients that read a masked pixel (a background the scanner or a mask set to one value) see less noise
+    masked = masked_pixels(image[:height, :width])
+    reads_masked = np.abs(pywt.dwt2(masked.astype(np.float64), "db2", mode="periodization")[0][inside]) > 1e-6
+    kept = ~reads_masked if masked.any() else detail > 0
     detail, local_mean, structure = detail[kept], local_mean[kept], structure[kept]
     if detail.size == 0:
         return 0.0

@@ -53,6 +53,8 @@ OUTLIER_RANGE = (-1.0, 3.0)  # on the [0, 1] scale of the 1st-99th percentiles: 
 MASKED_FRACTION = 0.1    # a magnitude image with at least this share of masked_background has one
 THICK_AXIS_RATIO = 2.0   # voxels this much thicker along another axis than along --axis get a note
 OUTLIER_WARN_FRACTION = 0.001  # more voxels than this beyond OUTLIER_RANGE are no spikes (0 in nibabel's real scans)
+MIN_SLICE_SIZE = 4       # pixels: the least width of a slice to denoise (and to measure its noise in)
+MIN_MEASURED_SIGMA = 1e-4  # on the [0, 1] scale: a noise estimate below it is rounding error (a noise-free image)
 MIN_ADAPT_SIZE = 8       # pixels: the adaptation's patches and held-out checks need slices at least this wide
 SMALL_SLICE = 32         # pixels: in slices narrower than this the noise estimate reads much of the anatomy as noise
 
@@ -379,10 +381,25 @@ def note_thick_axis(voxel_sizes):
               f"are probably the scanner's, rather than those across axis {axis}")
 
 
+def check_slices_wide_enough(shape):
+    """Slices across --axis must be at least MIN_SLICE_SIZE pixels each way: a single 2D slice stored as
+    (1, X, Y) would otherwise be denoised as X strips of 1 x Y pixels, hardly at all."""
+    in_plane = [size for i, size in enumerate(shape[:3]) if i != axis]
+    if min(in_plane) >= MIN_SLICE_SIZE:
+        return
+    thinnest = int(np.argmin(shape[:3]))
+    other = [size for i, size in enumerate(shape[:3]) if i != thinnest]
+    advice = (f"; it is thinnest along axis {thinnest}: --axis={thinnest} gives {other[0]}x{other[1]} slices"
+              if min(other) >= MIN_SLICE_SIZE else "")
+    raise InputError(f"{input_path}: slices across axis {axis} are {in_plane[0]}x{in_plane[1]} pixels, fewer than "
+                     f"{MIN_SLICE_SIZE} each way to denoise{advice}")
+
+
 def denoise_nifti(model, metadata, bfloat16):
     check_paths()
     image, data = load_nifti(input_path)
     data = data.reshape(data.shape[:4])
+    check_slices_wide_enough(data.shape)
     norm = metadata["normalisation"]
     samples = even_subsample(data)
     low, high = percentile_range(samples, norm["low_percentile"], norm["high_percentile"])
@@ -393,6 +410,7 @@ def denoise_nifti(model, metadata, bfloat16):
     zero = background or 0.0
     estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude,
                                      zero=float(normalise(zero, low, high)))
+    estimated = estimated if estimated >= MIN_MEASURED_SIGMA else 0.0
     sigma = noise_sigma or estimated
     print(f"{input_path}: shape {data.shape}, {view.shape[2] * view.shape[3]} slices across axis {axis}; "
           f"estimated noise sigma {estimated:.4f} on the model's [0, 1] scale "
@@ -425,6 +443,9 @@ def denoise_nifti(model, metadata, bfloat16):
     denoised = np.empty_like(data) if report else data  # the report needs the input; otherwise reuse its memory
     denoise_volume_slices(model, adapted, object_threshold, view, slices_view(denoised), low, high, sigma, bfloat16,
                           magnitude, background, floor_sigma)
+    if not np.isfinite(denoised).all():  # never written: a file of Inf would be refused as input by this very tool
+        raise InputError(f"the denoised image of {input_path} holds values that are not finite (noise sigma "
+                         f"{sigma:.3g}); nothing was written: please report this with the command")
     model_name = os.path.basename(model_path)
     adaptation = "none" if not adapt_steps else "kept" if adapted is not model else "discarded"
     provenance = (f"denoised by mri-denoise with {model_name}" + (", x8 self-ensemble" if self_ensemble else "")

@@ -622,6 +622,30 @@ def test_empty_slices_around_a_scan_do_not_pull_its_noise_estimate_to_zero(train
     assert "no noise could be measured in" in result.stdout and "outside what" not in result.stdout
 
 
+def test_a_noise_free_phantom_or_a_mask_comes_out_finite_and_is_said_to_hold_no_noise(trained, tmp_path):
+    """Piecewise constant, no noise: the estimate read rounding error (1e-35), which the Rician floor's inversion
+    divided by, writing Inf in every tissue voxel (and a 0/1 mask came back as 0/255 with --dtype=input)."""
+    model, _ = trained
+    phantom = np.zeros((40, 36, 6), dtype=np.float32)
+    phantom[8:32, 6:30], phantom[16:24, 14:22] = 600, 800
+    for name, volume, dtype in (("phantom", phantom, np.float32), ("mask", phantom > 0, np.uint8)):
+        scan = write_nifti(tmp_path / f"{name}.nii.gz", volume, dtype=dtype)
+        result = denoise(model, scan, tmp_path / f"{name}_out.nii.gz", "--dtype=input")
+        assert "no noise could be measured" in result.stdout
+        output = np.asarray(nib.load(tmp_path / f"{name}_out.nii.gz").dataobj)
+        assert np.all(np.isfinite(output)) and output.max() <= 1.05 * volume.max()
+
+
+def test_a_single_slice_stored_across_the_first_axis_is_refused_with_the_axis_to_use(trained, tmp_path):
+    model, _ = trained
+    _, noisy = noisy_phantom((40, 36, 1))
+    scan = write_nifti(tmp_path / "one.nii.gz", np.transpose(noisy, (2, 0, 1)))  # (1, 40, 36)
+    result = denoise(model, scan, tmp_path / "one_out.nii.gz", check=False)
+    assert_one_line_error(result, "slices across axis 2 are 1x40 pixels", "--axis=0 gives 40x36 slices")
+    assert not (tmp_path / "one_out.nii.gz").exists()
+    denoise(model, scan, tmp_path / "one_out.nii.gz", "--axis=0")
+
+
 def test_remove_rician_floor_recovers_the_signal_under_the_mean_of_rician_noise():
     from common import add_noise, remove_rician_floor
     draws = np.random.default_rng(0).standard_normal((2, 200_000)).astype(np.float32)
