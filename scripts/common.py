@@ -219,6 +219,10 @@ def load_nifti(path):
     if isinstance(image, nib.Nifti1Pair) and not isinstance(image, nib.Nifti1Image):
         raise InputError(f"{path} is a NIfTI .hdr/.img pair; give a single .nii or .nii.gz file "
                          "(nibabel converts it: nib.save(nib.load('scan.hdr'), 'scan.nii.gz'))")
+    if isinstance(image, nib.AnalyzeImage) and not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path} is an Analyze 7.5 .hdr/.img pair, not a NIfTI file; convert it, and check its "
+                         "orientation after, Analyze has no reliable one (nib.save(nib.Nifti1Image(img.dataobj, "
+                         "img.affine), 'scan.nii.gz') with img = nib.load('scan.hdr'))")
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path} is a {type(image).__name__}, not a NIfTI file (.nii or .nii.gz)")
     image = type(image).from_filename(path, keep_file_open=True)  # one handle: the chunked read never re-decompresses

@@ -299,6 +299,11 @@ def denoise_volume_slices(model, adapted, object_threshold, view, out_view, low,
             progress.update(len(ks))
 
 
+def is_statistical_map(header):
+    """Whether a NIfTI header's intent is a statistic (codes 2-24: t, F, z, p, ...), whose values denoising changes."""
+    return 2 <= int(header.get("intent_code", 0)) <= 24
+
+
 def output_image(image, denoised, model_name, provenance):
     """A NIfTI of the input's class with the input's affine and header, holding `denoised`; its description
     (80 bytes at most) begins with the model's name, a comment extension says in full how it was made."""
@@ -317,7 +322,12 @@ def output_image(image, denoised, model_name, provenance):
     if dtype != "input":
         header.set_slope_inter(1.0, 0.0)  # the float32 values are the intensities themselves
     method = "mri-denoise self-ensemble" if self_ensemble else "denoised by mri-denoise"  # 80 bytes at most
+    input_description = header["descrip"].tobytes().rstrip(b"\0").decode("latin-1")  # dcm2niix: TE, time, ...
     header["descrip"] = f"{method} {model_name}"[:79].encode()
+    if input_description:
+        provenance += f"; the input's description: {input_description}"
+    if is_statistical_map(header):  # its values are no longer distributed as its intent says
+        header.set_intent("none")
     header.extensions.append(nib.nifti1.Nifti1Extension("comment", provenance.encode()))
     return type(image)(denoised.reshape(image.shape), image.affine, header)
 
@@ -400,6 +410,9 @@ def denoise_nifti(model, metadata, bfloat16):
     image, data = load_nifti(input_path)
     data = data.reshape(data.shape[:4])
     check_slices_wide_enough(data.shape)
+    if is_statistical_map(image.header):
+        print(f"warning: {input_path} is a statistical map ({image.header.get_intent()[0]}); denoised, its values no "
+              "longer follow that distribution, and the output's intent is cleared")
     norm = metadata["normalisation"]
     samples = even_subsample(data)
     low, high = percentile_range(samples, norm["low_percentile"], norm["high_percentile"])

@@ -366,6 +366,9 @@ def write_bad_input(kind, folder):
     elif kind == "pair":
         path = folder / "pair.hdr"
         nib.save(nib.Nifti1Pair(volume, np.eye(4)), str(path))
+    elif kind == "analyze":
+        path = folder / "analyze.hdr"
+        nib.save(nib.AnalyzeImage(volume, np.eye(4)), str(path))
     elif kind == "par":
         import importlib.resources
         return importlib.resources.files("nibabel") / "tests" / "data" / "phantom_EPI_asc_CLEAR_2_1.PAR"
@@ -390,6 +393,7 @@ def write_bad_input(kind, folder):
     ("plain_named_gz", "is an uncompressed NIfTI but named .nii.gz; rename it to .nii"),
     ("gz_named_plain", "is gzip-compressed but named .nii; rename it to .nii.gz"),
     ("pair", "is a NIfTI .hdr/.img pair; give a single .nii or .nii.gz"),
+    ("analyze", "is an Analyze 7.5 .hdr/.img pair, not a NIfTI file; convert it"),
     ("par", "is a PARRECImage, not a NIfTI file"),
 ])
 def test_bad_input_is_one_clear_error(trained, tmp_path, kind, fragment):
@@ -397,7 +401,8 @@ def test_bad_input_is_one_clear_error(trained, tmp_path, kind, fragment):
     path = write_bad_input(kind, tmp_path)
     result = denoise(model, path, tmp_path / "out.nii.gz", check=False)
     assert_one_line_error(result, str(path), fragment)
-    written = {"missing": [], "par": [], "pair": ["pair.hdr", "pair.img"]}.get(kind, [path.name])
+    written = {"missing": [], "par": [], "pair": ["pair.hdr", "pair.img"],
+               "analyze": ["analyze.hdr", "analyze.img"]}.get(kind, [path.name])
     assert sorted(p.name for p in tmp_path.iterdir()) == written
 
 
@@ -634,6 +639,22 @@ def test_a_noise_free_phantom_or_a_mask_comes_out_finite_and_is_said_to_hold_no_
         assert "no noise could be measured" in result.stdout
         output = np.asarray(nib.load(tmp_path / f"{name}_out.nii.gz").dataobj)
         assert np.all(np.isfinite(output)) and output.max() <= 1.05 * volume.max()
+
+
+def test_a_statistical_map_loses_its_intent_and_the_input_description_is_kept(trained, tmp_path):
+    """Denoised t-values are no t(12) statistic any more; dcm2niix's description (TE, time) is not lost."""
+    model, _ = trained
+    _, noisy = noisy_phantom((40, 36, 6))
+    image = nib.Nifti1Image(noisy, np.eye(4))
+    image.header.set_intent("t test", (12,), name="tmap")
+    image.header["descrip"] = b"TE=30;Time=101010.000;phase=1"
+    nib.save(image, tmp_path / "tmap.nii.gz")
+    result = denoise(model, tmp_path / "tmap.nii.gz", tmp_path / "out.nii.gz")
+    assert "is a statistical map (t test)" in result.stdout
+    output = nib.load(tmp_path / "out.nii.gz").header
+    assert output.get_intent()[0] == "none"
+    (comment,) = [e.get_content().decode() for e in output.extensions if e.get_code() == 6]
+    assert comment.endswith("; the input's description: TE=30;Time=101010.000;phase=1")
 
 
 def test_a_single_slice_stored_across_the_first_axis_is_refused_with_the_axis_to_use(trained, tmp_path):
