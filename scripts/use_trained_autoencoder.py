@@ -50,7 +50,7 @@ precision = "auto"       # "auto": the convolutions in bfloat16 on a CPU that co
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTLIER_RANGE = (-1.0, 3.0)  # on the [0, 1] scale of the 1st-99th percentiles: beyond it a voxel is no tissue
-MASKED_FRACTION = 0.1    # a magnitude image with at least this share of masked_background has one
+MASKED_FRACTION = 0.1    # a scan with at least this share of masked_background has one
 THICK_AXIS_RATIO = 2.0   # voxels this much thicker along another axis than along --axis get a note
 OUTLIER_WARN_FRACTION = 0.001  # more voxels than this beyond OUTLIER_RANGE are no spikes (0 in nibabel's real scans)
 MIN_SLICE_SIZE = 4       # pixels: the least width of a slice to denoise (and to measure its noise in)
@@ -226,12 +226,10 @@ def masked_background(batch, value=0.0):
     return ndimage.binary_opening(batch == value, structure=np.ones((1, 3, 3), dtype=bool))
 
 
-def masked_value(view, magnitude):
-    """The value of a magnitude image's masked background: 0, or else its minimum (the scl_inter of a header
-    that scales the stored zeros), when at least MASKED_FRACTION of its voxels form regions at exactly it; None
-    when it has none. That value is the image's zero signal."""
-    if not magnitude:
-        return None
+def masked_value(view):
+    """The value of a scan's masked background: 0, or else its minimum (the scl_inter of a header that scales
+    the stored zeros), when at least MASKED_FRACTION of its voxels form regions at exactly it; None when it has
+    none. It stays as it is in the output; in a magnitude image that value is the zero signal."""
     slices = spread_slices(view, 24)
     for value in dict.fromkeys((0.0, float(slices.min()))):
         if np.mean(masked_background(slices, value)) >= MASKED_FRACTION:
@@ -419,8 +417,8 @@ def denoise_nifti(model, metadata, bfloat16):
     view = slices_view(data)
     note_thick_axis(image.header.get_zooms()[:3])
     magnitude = is_magnitude_image(samples)
-    background = masked_value(view, magnitude)
-    zero = background or 0.0
+    background = masked_value(view)
+    zero = (background or 0.0) if magnitude else 0.0
     estimated = estimate_noise_sigma(sample_slices(view, low, high, 24), magnitude,
                                      zero=float(normalise(zero, low, high)))
     estimated = estimated if estimated >= MIN_MEASURED_SIGMA else 0.0
@@ -430,8 +428,9 @@ def denoise_nifti(model, metadata, bfloat16):
           f"({'a magnitude image: (almost) no negative values' if magnitude else 'negative values: no magnitude correction'}"
           + ("; the Rician noise floor will be taken out)" if magnitude and removes_rician_floor(metadata) else ")")
           + (f", using {sigma:.4f} as given" if noise_sigma else ""))
-    if background:
-        print(f"note: its background is masked at {background:g}, taken as zero signal")
+    if background is not None and (background or not magnitude):
+        print(f"note: its background is masked at {background:g}, "
+              + ("taken as zero signal" if magnitude else "and stays so"))
     if not noise_sigma and estimated == 0:
         print(f"warning: no noise could be measured in {input_path} (the slices sampled are empty, constant or "
               "too thin); the network is told sigma 0: give --noise_sigma if you know it")

@@ -442,16 +442,17 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(trained, tm
     assert not (tmp_path / "out.nii.gz").exists()
 
 
-def test_slices_one_pixel_wide_denoise_with_the_self_ensemble_and_refuse_adaptation(tmp_path):
-    """Slices of 12x1 (a single-slice volume cut across axis 1): the self-ensemble's turned copies of a size-1
-    axis once kept a negative stride torch refused; adaptation cannot hold out pixels in them."""
+def test_slices_one_pixel_wide_are_refused_with_the_axis_to_use(tmp_path):
+    """Slices of 12x1 (a single-slice volume cut across axis 1) were once denoised as 1-pixel strips, hardly
+    at all; the axis across the thin dimension gives whole slices (the self-ensemble's turns included)."""
     model = DEFAULT_MODEL
     scan = write_nifti(tmp_path / "thin.nii.gz", noisy_phantom((12, 10, 1))[1])
-    denoise(model, scan, tmp_path / "out.nii.gz", "--axis=1", "--self_ensemble")
+    for overrides in (["--self_ensemble"], ["--adapt_steps=3"]):
+        result = denoise(model, scan, tmp_path / "out.nii.gz", "--axis=1", *overrides, check=False)
+        assert_one_line_error(result, "slices across axis 1 are 12x1 pixels", "--axis=2 gives 12x10 slices")
+        assert not (tmp_path / "out.nii.gz").exists()
+    denoise(model, scan, tmp_path / "out.nii.gz", "--axis=2", "--self_ensemble")
     assert nib.load(tmp_path / "out.nii.gz").shape == (12, 10, 1)
-    result = denoise(model, scan, tmp_path / "adapted.nii.gz", "--axis=1", "--adapt_steps=3", check=False)
-    assert_one_line_error(result, "slices of 12x1 across axis 1 are too small to adapt on")
-    assert not (tmp_path / "adapted.nii.gz").exists()
 
 
 def test_the_default_model_is_found_from_any_folder(tmp_path):
@@ -639,6 +640,21 @@ def test_a_noise_free_phantom_or_a_mask_comes_out_finite_and_is_said_to_hold_no_
         assert "no noise could be measured" in result.stdout
         output = np.asarray(nib.load(tmp_path / f"{name}_out.nii.gz").dataobj)
         assert np.all(np.isfinite(output)) and output.max() <= 1.05 * volume.max()
+
+
+def test_a_z_scored_skull_stripped_scan_is_denoised_and_its_masked_background_stays(trained, tmp_path):
+    """A signed scan whose background a mask set to 0: the noise estimate once read 0 there (the background is no
+    longer 0 once scaled), and the background came out textured."""
+    import re
+    model, _ = trained
+    clean, noisy = noisy_phantom((40, 36, 6))
+    head = clean > 0.2 * clean.max()
+    scored = np.where(head, (noisy - noisy[head].mean()) / noisy[head].std(), 0).astype(np.float32)
+    result = denoise(model, write_nifti(tmp_path / "z.nii.gz", scored), tmp_path / "z_out.nii.gz")
+    assert "masked at 0, and stays so" in result.stdout
+    assert float(re.search(r"estimated noise sigma ([0-9.]+)", result.stdout).group(1)) > 0.01
+    output = nib.load(tmp_path / "z_out.nii.gz").get_fdata()
+    assert np.all(output[~head] == 0)
 
 
 def test_a_statistical_map_loses_its_intent_and_the_input_description_is_kept(trained, tmp_path):
