@@ -314,14 +314,30 @@ def train_one_epoch(model, optimiser, loader, epoch, train, train_sigma, train_n
     return float(loss_sum[0] / loss_sum[1])
 
 
+def validation_set(arrays, dataset_sigma):
+    """The validation images and what each is scored against: its clean image; or, in a real series without
+    added noise (whose "clean" image is the noisy one) trained with time pairs, the same slice at a
+    neighbouring time point: its noise is independent, so the MSE is the error against the truth plus that
+    noise's variance, and it still falls as denoising improves (Noise2Noise's argument)."""
+    rows = np.flatnonzero(arrays["split"] == "val")
+    against_partner = dataset_sigma == 0 and training_target == "time_partner" and arrays["partner_index"] is not None
+    if against_partner:
+        rows = rows[arrays["partner_index"][rows] >= 0]
+    return {"rows": rows, "noisy": arrays["noisy"], "image_shape": arrays["image_shape"],
+            "reference": arrays["noisy"] if against_partner else arrays["clean"],
+            "reference_rows": arrays["partner_index"][rows] if against_partner else rows,
+            "label": "validation MSE against the time partner (its noise included)" if against_partner
+            else "validation MSE (val slice positions)"}
+
+
 def validation_mse(model, val, noise_sigma, chunk_size=256):
-    """Mean squared error of the denoised validation images over their own pixels (not the zero padding that
-    stacks scans of other sizes, which holds no noise and would count as perfectly denoised), chunk_size images
-    in memory at a time."""
+    """Mean squared error of the denoised validation images against their reference (validation_set) over
+    their own pixels (not the zero padding that stacks scans of other sizes, which holds no noise and would
+    count as perfectly denoised), chunk_size images in memory at a time."""
     squared_error, n_pixels = 0.0, 0
     for start in range(0, len(val["rows"]), chunk_size):
         rows = val["rows"][start:start + chunk_size]
-        clean = np.asarray(val["clean"][rows])
+        clean = np.asarray(val["reference"][val["reference_rows"][start:start + chunk_size]])
         squared = (denoise_slices(model, np.asarray(val["noisy"][rows]), noise_sigma) - clean) ** 2
         inside = unpadded(val["image_shape"][rows], clean.shape[1:])
         squared_error += float(np.sum(squared if inside.all() else squared[inside], dtype=np.float64))
@@ -405,14 +421,14 @@ def load_resume_state(path, model, optimiser, run_data):
     return state["epoch"], state["history"], settings_changes(saved, resume_settings(run_data))
 
 
-def plot_loss_curves(history, title):
+def plot_loss_curves(history, title, val_label):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, scale in zip(axes, ("linear", "log")):
         axis.plot(history["epoch"], history["train_mse"], label="train MSE")
-        axis.plot(history["val_epoch"], history["val_mse"], label="validation MSE (val slice positions)")
+        axis.plot(history["val_epoch"], history["val_mse"], label=val_label)
         axis.set_xscale(scale)
         axis.set_yscale(scale)
         axis.set_xlabel("epoch")
@@ -450,8 +466,7 @@ def main():
     train = {"rows": training_rows(arrays), "clean": arrays["clean"], "noisy": arrays["noisy"],
              "partner_index": arrays["partner_index"],
              "own_noise_sigma": float(dataset_settings.get("own_noise_sigma", 0.0))}  # a real series' own noise
-    val = {"rows": np.flatnonzero(arrays["split"] == "val"), "clean": arrays["clean"], "noisy": arrays["noisy"],
-           "image_shape": arrays["image_shape"]}
+    val = validation_set(arrays, float(dataset_settings["noise_sigma"]))
     n_train = len(train["rows"])
     check_dataset_fits(n_train, len(val["rows"]))
     if patch_size > min(arrays["clean"].shape[1:]) and rank == 0:
@@ -564,12 +579,12 @@ def main():
         # augmentation turns square patches by quarter turns, other shapes only by half turns (make_pair)
         "all_orientations": bool(augment and (0 < patch_size <= min(arrays["clean"].shape[1:])
                                               or arrays["clean"].shape[1] == arrays["clean"].shape[2])),
-        "history": history, "world_size": world_size, "train_seconds_this_run": seconds,
+        "history": history, "validation": val["label"], "world_size": world_size, "train_seconds_this_run": seconds,
         "versions": package_versions(),
     }
     model_path = save_torch({"state_dict": model.state_dict(), "metadata": metadata}, output_paths["model"])
     title = f"{arch}{output_tag}, {n_epochs} epochs, {n_train} images"
-    plot_path = save_figure(plot_loss_curves(history, title), output_paths["plot"])
+    plot_path = save_figure(plot_loss_curves(history, title, val["label"]), output_paths["plot"])
     examples = val["rows"][np.linspace(0, len(val["rows"]) - 1, 5).astype(int)]
     noisy, clean, mask = (np.asarray(arrays[k][examples]) for k in ("noisy", "clean", "mask"))
     figure = plot_denoising_grid(noisy, denoise_slices(model.eval(), noisy, told_sigma), clean, mask,

@@ -157,9 +157,8 @@ def test_the_zero_padding_of_smaller_scans_counts_in_no_validation_mse_nor_metri
                    "--min_foreground_fraction=0")
     arrays, _ = load_dataset(dataset)
     assert {tuple(s) for s in arrays["image_shape"].tolist()} == {(40, 36), (20, 16)}
-    val_rows = np.flatnonzero(arrays["split"] == "val")
-    val = {"rows": val_rows, "clean": arrays["clean"], "noisy": arrays["noisy"], "image_shape": arrays["image_shape"]}
-    assert not unpadded(arrays["image_shape"][val_rows], arrays["clean"].shape[1:]).all()  # some padding is scored
+    val = train_autoencoder.validation_set(arrays, 0.1)
+    assert not unpadded(arrays["image_shape"][val["rows"]], arrays["clean"].shape[1:]).all()  # some padding is scored
     assert train_autoencoder.validation_mse(Identity(), val, 0.1) == pytest.approx(0.01, rel=0.05)
     run_script("use_trained_autoencoder", f"--dataset_path={dataset}", f"--examples_dir={tmp_path}")
     (metrics,) = tmp_path.glob("metrics_*.json")

@@ -137,6 +137,9 @@ def test_a_real_series_trains_a_noise_map_network_told_its_own_noise(tmp_path, t
     model_file = next(p for p in tmp_path.glob("*.pt") if not p.name.endswith(".resume.pt"))
     metadata = torch.load(model_file, weights_only=True)["metadata"]
     assert metadata["noise_sigma_range"] == [own_sigma, own_sigma]
+    # scored against the partner, not against the input itself (which would reward leaving the noise in)
+    assert metadata["validation"].startswith("validation MSE against the time partner")
+    assert metadata["history"]["val_mse"][-1] > 0.9 * own_sigma ** 2  # at least the partner's noise variance
     evaluation = run_script("use_trained_autoencoder", f"--model_path={model_file}", f"--dataset_path={dataset}",
                             f"--examples_dir={tmp_path}", check=False)
     assert evaluation.returncode != 0
