@@ -14,7 +14,7 @@ $(VENV)/installed: requirements.txt
 # of the shipped default network and of the one just trained
 demo: $(VENV)/installed
 	$(PY) scripts/make_dataset.py
-	$(PY) scripts/train_autoencoder.py --n_epochs=10 --output_tag=_demo
+	$(PY) scripts/train_autoencoder.py --n_epochs=10 --output_tag=_demo --overwrite
 	$(PY) scripts/use_trained_autoencoder.py
 	$(PY) scripts/use_trained_autoencoder.py --model=trained_models/autoencoder_seed_demo_10epochs_672images.pt
 

@@ -427,13 +427,15 @@ def remove_rician_floor(denoised, noise_sigma):
         return np.asarray(denoised, dtype=np.float32)
     in_sigmas = np.asarray(denoised, dtype=np.float32) / np.float32(noise_sigma)
     position = np.sqrt(np.maximum(in_sigmas - np.float32(RICIAN_FLOOR), 0)) / np.float32(RICIAN_U_STEP)
-    index = np.clip(position.astype(np.int64), 0, len(RICIAN_SIGNAL_AT_U) - 2)  # a NaN stays NaN, not an IndexError
+    # clipped before the cast (no int64 overflow); a NaN stays NaN through the weight, not an IndexError
+    index = np.clip(np.nan_to_num(position), 0, len(RICIAN_SIGNAL_AT_U) - 2).astype(np.int64)
     weight = position - index
     signal = (1 - weight) * RICIAN_SIGNAL_AT_U[index] + weight * RICIAN_SIGNAL_AT_U[index + 1]
     beyond_table = position > len(RICIAN_SIGNAL_AT_U) - 1
     if beyond_table.any():
         # sqrt(x^2 - 1) as x sqrt(1 - x^-2): x^2 overflows float32 for a sigma far below the image's values
-        signal = np.where(beyond_table, in_sigmas * np.sqrt(np.maximum(1 - np.square(1 / in_sigmas), 0)), signal)
+        far = in_sigmas[beyond_table]
+        signal[beyond_table] = far * np.sqrt(1 - np.square(1 / far))
     return (signal * np.float32(noise_sigma)).astype(np.float32)
 
 

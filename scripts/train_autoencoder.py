@@ -61,6 +61,7 @@ precision = "float32"          # "bfloat16": the forward pass in bfloat16 (weigh
 val_every = 1                  # epochs between validation passes
 checkpoint_every = 10          # epochs between resumable checkpoints (and always on Ctrl-C)
 resume = ""                    # a .resume.pt file to continue from
+overwrite = False              # replace an existing checkpoint of the same name (the shipped ones among them)
 output_tag = ""                # added to the output names, e.g. "_blind"
 models_dir = "trained_models"
 plots_dir = "plots"
@@ -516,6 +517,9 @@ def main():
                     "examples": os.path.join(examples_dir, f"denoising_5x3_{name}.png")}
     for path in output_paths.values():  # before training, not at its end
         check_output_path(path)
+    if os.path.exists(output_paths["model"]) and not overwrite:
+        raise InputError(f"{output_paths['model']} exists (a shipped or earlier network); choose another --output_tag "
+                         "or --models_dir, or pass --overwrite to replace it")
     if rank == 0:
         print(f"{arch} ({count_parameters(model):,} parameters) on {device} x{world_size}, "
               f"{n_train} training and {len(val['rows'])} validation images, "

@@ -367,3 +367,15 @@ def test_ctrl_c_or_a_time_limit_is_one_line_and_exit_code_130(stop):
     process.send_signal(getattr(signal, stop))
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130 and stderr.strip() == "interrupted"
+
+
+def test_the_rician_floor_of_a_tiny_sigma_leaves_the_image_as_it_is_without_overflow():
+    """A noise estimate of rounding error (1e-35) once made the floor's inversion overflow float32 to Inf."""
+    import warnings
+    from common import remove_rician_floor
+    image = np.array([0.0, 0.01, 0.5, 1.0, 5.0], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow, no invalid cast
+        floored = remove_rician_floor(image, 1e-35)
+    np.testing.assert_allclose(floored, image, rtol=1e-6)
+    assert np.isnan(remove_rician_floor(np.array([np.nan], dtype=np.float32), 0.06)[0])

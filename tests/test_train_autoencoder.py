@@ -117,6 +117,18 @@ def test_a_diverging_training_is_one_clear_error_and_saves_no_model(tmp_path, ti
     assert not list((tmp_path / "models").glob("*.pt")) and not (tmp_path / "plots").exists()
 
 
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite(tmp_path, tiny_dataset):
+    """The untagged seed names on the bundled scan are shipped networks: once silently replaced."""
+    train(tmp_path, tiny_dataset, "--n_epochs=1")
+    (model,) = (tmp_path / "models").glob("*[0-9]images.pt")
+    before = model.read_bytes()
+    result = train(tmp_path, tiny_dataset, "--n_epochs=1", "--seed=1", check=False)
+    assert_one_line_error(result, f"{model} exists", "--output_tag", "--overwrite")
+    assert model.read_bytes() == before and "parameters" not in result.stdout
+    train(tmp_path, tiny_dataset, "--n_epochs=1", "--seed=1", "--overwrite")
+    assert model.read_bytes() != before
+
+
 def test_an_output_folder_that_is_a_file_is_refused_before_training(tmp_path, tiny_dataset):
     (tmp_path / "models").write_text("a file")
     result = train(tmp_path, tiny_dataset, "--n_epochs=1", check=False)

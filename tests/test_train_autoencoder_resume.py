@@ -70,7 +70,8 @@ def test_resuming_on_another_dataset_or_precision_warns_and_an_explicit_default_
     run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 3, f"--resume={state}",
                                                   "--noise_model=gaussian"))
     assert "warning: resuming" not in capsys.readouterr().err  # the noise it was trained with, named
-    run_in_process(train_autoencoder, *train_args(tmp_path, rician, 3, f"--resume={state}", "--precision=bfloat16"))
+    run_in_process(train_autoencoder, *train_args(tmp_path, rician, 3, f"--resume={state}", "--precision=bfloat16",
+                                                  "--overwrite"))  # the 3-epoch model of the run above
     warning = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: resuming"))
     assert "train_noise_model=rician (was gaussian)" in warning and "precision=bfloat16 (was float32)" in warning
     assert "dataset_settings.noise_model=rician (was gaussian)" in warning
