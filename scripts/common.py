@@ -434,8 +434,8 @@ def remove_rician_floor(denoised, noise_sigma):
     beyond_table = position > len(RICIAN_SIGNAL_AT_U) - 1
     if beyond_table.any():
         # sqrt(x^2 - 1) as x sqrt(1 - x^-2): x^2 overflows float32 for a sigma far below the image's values
-        far = in_sigmas[beyond_table]
-        signal[beyond_table] = far * np.sqrt(1 - np.square(1 / far))
+        far = np.where(beyond_table, in_sigmas, np.float32(2))  # 2 where unused: no division by 0
+        signal = np.where(beyond_table, far * np.sqrt(1 - np.square(1 / far)), signal)
     return (signal * np.float32(noise_sigma)).astype(np.float32)
 
 
