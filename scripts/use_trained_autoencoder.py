@@ -38,7 +38,8 @@ adapt_heldout_fraction = 0.1  # share of the pixels held out of its loss, on whi
 adapt_loss = "recorrupted"  # its self-supervised loss: "recorrupted" (assumes Gaussian noise of the estimated
                             # sigma, full resolution) or "neighbor2neighbor" (half-resolution sub-images)
 self_ensemble = False    # average the network's outputs over the 8 flips and 90-degree rotations of each slice
-                         # (for networks trained on them): 0.05-0.12 dB better in the benchmark, 8x the time
+                         # (for networks trained on them): 0.05-0.10 dB better at sigma 0.06 in the benchmark
+                         # (0.02-0.19 on other scans), 8x the time
 rician_floor = True      # magnitude images (no negative values): take the Rician noise floor out of the output,
                          # which networks trained on Gaussian noise keep (common.remove_rician_floor)
 batch_size = 16          # slices per forward pass, at most (fewer for slices bigger than 128x96: common.MAX_BATCH_PIXELS);
