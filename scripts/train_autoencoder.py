@@ -137,11 +137,12 @@ def check_settings(world_size):
         raise InputError("; ".join(problems))
 
 
-def check_dataset_fits(n_train, n_val):
+def check_dataset_fits(n_train, val):
     """The settings that depend on the dataset, checked before training starts."""
     problems = []
-    if n_val == 0:
-        problems.append(f"{dataset_path} has no validation images")
+    if len(val["rows"]) == 0:
+        problems.append(f"{dataset_path} has no validation images" + (
+            " with a time partner, which a real series is scored against" if val["against_partner"] else ""))
     if n_train < batch_size:
         problems.append(f"{dataset_path} has {n_train} training images, fewer than batch_size={batch_size}")
     if problems:
@@ -327,6 +328,7 @@ def validation_set(arrays, dataset_sigma):
     return {"rows": rows, "noisy": arrays["noisy"], "image_shape": arrays["image_shape"],
             "reference": arrays["noisy"] if against_partner else arrays["clean"],
             "reference_rows": arrays["partner_index"][rows] if against_partner else rows,
+            "against_partner": against_partner,
             "label": "validation MSE against the time partner (its noise included)" if against_partner
             else "validation MSE (val slice positions)"}
 
@@ -469,7 +471,7 @@ def main():
              "own_noise_sigma": float(dataset_settings.get("own_noise_sigma", 0.0))}  # a real series' own noise
     val = validation_set(arrays, float(dataset_settings["noise_sigma"]))
     n_train = len(train["rows"])
-    check_dataset_fits(n_train, len(val["rows"]))
+    check_dataset_fits(n_train, val)
     if patch_size > min(arrays["clean"].shape[1:]) and rank == 0:
         height, width = arrays["clean"].shape[1:]
         print(f"note: patch_size={patch_size} is larger than the {height}x{width} slices of {dataset_path}: each "
