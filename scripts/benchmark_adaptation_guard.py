@@ -113,7 +113,7 @@ def main():
     import torch
     model, _ = load_checkpoint(model_path)
     bfloat16 = use_bfloat16(precision, torch.device("cpu"))
-    clean, masks, settings = unique_clean_slices(dataset_path, split)
+    clean, masks, _, settings = unique_clean_slices(dataset_path, split)
     split_slices = {"clean": clean, "mask": masks}
     results = {}
     for k, case in enumerate(cases):

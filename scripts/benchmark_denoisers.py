@@ -153,10 +153,24 @@ def all_methods(sigma, width, strength, networks, bfloat16, rician):
     return methods
 
 
-def score(methods, noisy, clean, masks):
-    """Metrics and seconds per slice of every method, and each method's in-mask PSNR gain over BM3D (mean and
-    standard error of the per-slice differences: the same noisy slices, so the noise draws mostly cancel);
-    also the denoised slices."""
+def gain_statistics(gains, positions=None):
+    """Mean of per-slice gains (the same noisy slices for both methods, so the noise draws mostly cancel), their
+    standard error as independent samples, and, given each slice's anatomical position, the standard error of
+    the per-position means: the draws and time points of one position are no independent samples of anatomy,
+    and a claim about other slices rests on the few positions."""
+    stats = {"mean": float(np.mean(gains)),
+             "standard_error": float(np.std(gains, ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("nan")}
+    if positions is not None:
+        means = np.array([np.mean(gains[positions == p]) for p in np.unique(positions)])
+        stats["n_positions"] = len(means)
+        stats["standard_error_by_position"] = (float(np.std(means, ddof=1) / np.sqrt(len(means))) if len(means) > 1
+                                               else float("nan"))
+    return stats
+
+
+def score(methods, noisy, clean, masks, positions=None):
+    """Metrics and seconds per slice of every method, and each method's in-mask PSNR gain over BM3D
+    (gain_statistics; positions: each slice's anatomical position); also the denoised slices."""
     rows, outputs, psnr_per_slice = {}, {}, {}
     for name, method in methods.items():
         # a network's first call with each batch shape pays for memory and for building its kernels (about 50 ms
@@ -171,10 +185,8 @@ def score(methods, noisy, clean, masks):
             rows[name]["adaptation"] = method.adaptation  # kept or not, and its two checks' gains
         outputs[name] = denoised
     for name, row in rows.items():
-        gains = psnr_per_slice[name] - psnr_per_slice[BM3D_TRUE]
-        row["psnr_mask_gain_over_bm3d"] = {"mean": float(np.mean(gains)),
-                                           "standard_error": float(np.std(gains, ddof=1) / np.sqrt(len(gains)))
-                                           if len(gains) > 1 else float("nan")}
+        row["psnr_mask_gain_over_bm3d"] = gain_statistics(psnr_per_slice[name] - psnr_per_slice[BM3D_TRUE],
+                                                          positions)
     return rows, outputs
 
 
@@ -306,7 +318,9 @@ def psnr_cell(row):
 def markdown_table(rows, sigma, model_noise, n_slices, tuned, bfloat16):
     bm3d_row = rows[BM3D_TRUE]
     lines = [f"{model_noise.capitalize()} noise, sigma {sigma}, {n_slices} {split} slices (mean +- std over slices; "
-             f"gain over BM3D: mean +- standard error of the per-slice differences; "
+             f"gain over BM3D: mean +- standard error of the per-slice differences"
+             + (f" / of the means of the {rows[BM3D_TRUE]['psnr_mask_gain_over_bm3d']['n_positions']} slice "
+                "positions" if "n_positions" in rows[BM3D_TRUE]["psnr_mask_gain_over_bm3d"] else "") + "; "
              f"PSNR with data range 1; Gaussian filter width {tuned['gaussian_width']} pixels, non-local means "
              f"h = {tuned['nlm_strength']} sigma; networks in {'bfloat16' if bfloat16 else 'float32'}):", "",
              "| method | PSNR in mask (dB) | gain over BM3D in mask (dB) | SSIM in mask | PSNR whole image (dB) "
@@ -316,7 +330,8 @@ def markdown_table(rows, sigma, model_noise, n_slices, tuned, bfloat16):
         speed = bm3d_row["seconds_per_slice"] / row["seconds_per_slice"] if name != "noisy input" else float("nan")
         gain = row["psnr_mask_gain_over_bm3d"]
         lines.append(f"| {name} | {row['psnr_mask']['mean']:.2f} +- {row['psnr_mask']['std']:.2f} | "
-                     + ("-" if name == BM3D_TRUE else f"{gain['mean']:+.3f} +- {gain['standard_error']:.3f}")
+                     + ("-" if name == BM3D_TRUE else f"{gain['mean']:+.3f} +- {gain['standard_error']:.3f}"
+                        + (f" / {gain['standard_error_by_position']:.3f}" if "n_positions" in gain else ""))
                      + " | "
                      f"{row['ssim_mask']['mean']:.3f} +- {row['ssim_mask']['std']:.3f} | "
                      f"{row['psnr_image']['mean']:.2f} | {row['ssim_image']['mean']:.3f} | "
@@ -429,8 +444,8 @@ def main():
     check_settings()
     torch.set_num_threads(usable_cores())
     keep_freed_memory()
-    test_clean, test_masks, dataset_settings = unique_clean_slices(dataset_path, split)
-    val_clean, val_masks, _ = unique_clean_slices(dataset_path, "val")
+    test_clean, test_masks, test_positions, dataset_settings = unique_clean_slices(dataset_path, split)
+    val_clean, val_masks, _, _ = unique_clean_slices(dataset_path, "val")
     pick = np.linspace(0, len(val_clean) - 1, min(n_tuning_slices, len(val_clean))).astype(int)
     test = {"clean": test_clean, "mask": test_masks}
     val = {"clean": val_clean[pick], "mask": val_masks[pick]}
@@ -448,7 +463,7 @@ def main():
         methods = all_methods(sigma, width, strength, networks, bfloat16, rician=model_noise == "rician")
         noisy, clean = noisy_versions(test["clean"], sigma, model_noise, rng, n_realisations)
         masks = np.repeat(test["mask"], n_realisations, axis=0)
-        rows, outputs = score(methods, noisy, clean, masks)
+        rows, outputs = score(methods, noisy, clean, masks, np.repeat(test_positions, n_realisations))
         sweep[sigma] = rows
         estimated_sigmas[sigma] = estimate_noise_sigma(noisy)  # what the networks without a given sigma were told
                                                                # (and, by name, on each out-of-domain set)

@@ -63,7 +63,7 @@ def main():
     for path in model_paths:  # before BM3D's minutes, not after
         check_file_exists(path, "checkpoint")
     rng = np.random.default_rng(seed)
-    clean, masks, _ = unique_clean_slices(dataset_path, split)
+    clean, masks, _, _ = unique_clean_slices(dataset_path, split)
     reference = add_noise(clean, reference_sigma, "gaussian", rng.standard_normal((2, *clean.shape), dtype=np.float32))
     clean, reference, masks = (np.repeat(a, n_realisations, axis=0) for a in (clean, reference, masks))
     noisy = add_noise(reference, noise_sigma, "gaussian", rng.standard_normal((2, *reference.shape), dtype=np.float32))

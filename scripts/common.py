@@ -569,9 +569,10 @@ def unpadded(image_shapes, shape):
 
 
 def unique_clean_slices(path, split):
-    """Distinct clean slices (n, H, W) and masks of one split (the .npz repeats them once per noise draw), for
-    the benchmarks, which score and add noise to whole slices: a dataset that zero-pads scans of other sizes
-    to one is refused (the padding would count as perfectly denoised pixels)."""
+    """Distinct clean slices (n, H, W) and masks of one split (the .npz repeats them once per noise draw), and
+    the anatomical position of each (n,): one number per scan and slice position, shared by a position's time
+    points; for the benchmarks, which score and add noise to whole slices: a dataset that zero-pads scans of
+    other sizes to one is refused (the padding would count as perfectly denoised pixels)."""
     arrays, settings = load_dataset(path)
     if np.any(arrays["image_shape"] != arrays["clean"].shape[1:]):
         sizes = sorted({tuple(size) for size in arrays["image_shape"].tolist()})
@@ -582,7 +583,8 @@ def unique_clean_slices(path, split):
     chosen = arrays["split"] == split
     _, first = np.unique(keys[chosen], axis=0, return_index=True)
     indices = np.flatnonzero(chosen)[np.sort(first)]
-    return np.asarray(arrays["clean"][indices]), np.asarray(arrays["mask"][indices]), settings
+    positions = np.unique(keys[indices, :2], axis=0, return_inverse=True)[1].reshape(-1)
+    return np.asarray(arrays["clean"][indices]), np.asarray(arrays["mask"][indices]), positions, settings
 
 
 def _map_stored_npy(path, raw, header_offset):

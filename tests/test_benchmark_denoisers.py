@@ -7,6 +7,24 @@ import pytest
 from conftest import DEFAULT_MODEL, assert_one_line_error, phantom_volume, run_script, write_nifti
 
 
+def test_the_gain_over_bm3d_is_paired_per_slice_and_clustered_by_position():
+    """Draws of one slice position are no independent samples of anatomy: its standard error comes from the
+    per-position means. A pairing of the wrong slices would change the per-slice standard error."""
+    from benchmark_denoisers import gain_statistics
+    network = np.array([30.0, 30.2, 31.0, 31.1, 29.0, 29.3])
+    bm3d = np.array([29.6, 29.9, 30.5, 30.7, 28.7, 28.9])
+    positions = np.array([0, 0, 1, 1, 2, 2])
+    stats = gain_statistics(network - bm3d, positions)
+    gains = network - bm3d
+    assert stats["mean"] == pytest.approx(gains.mean())
+    assert stats["standard_error"] == pytest.approx(np.std(gains, ddof=1) / np.sqrt(6))
+    assert stats["n_positions"] == 3
+    assert stats["standard_error_by_position"] == pytest.approx(np.std([0.35, 0.45, 0.35], ddof=1) / np.sqrt(3))
+    mispaired = gain_statistics(network - bm3d[::-1], positions)
+    assert mispaired["standard_error"] > 5 * stats["standard_error"]
+    assert "n_positions" not in gain_statistics(gains)
+
+
 def test_a_tiny_benchmark_scores_every_method(tmp_path):
     scan = write_nifti(tmp_path / "scan.nii.gz", phantom_volume((40, 36, 14, 2)))
     dataset = tmp_path / "data.npz"
@@ -43,6 +61,7 @@ def test_a_tiny_benchmark_scores_every_method(tmp_path):
     gain = rows[plain_name]["psnr_mask_gain_over_bm3d"]  # paired per slice, so it is the difference of the means
     assert gain["mean"] == pytest.approx(plain_psnr - rows["BM3D (true sigma)"]["psnr_mask"]["mean"])
     assert gain["standard_error"] > 0 and rows["BM3D (true sigma)"]["psnr_mask_gain_over_bm3d"]["mean"] == 0
+    assert gain["n_positions"] == len(set(np.load(dataset)["slice_index"][np.load(dataset)["split"] == "test"]))
     assert results["precision"] == "bfloat16"
     float32_psnr = rows[plain_name.split(" (")[0] + " in float32"]["psnr_mask"]["mean"]
     assert float32_psnr == pytest.approx(plain_psnr, abs=0.05) and float32_psnr != plain_psnr
