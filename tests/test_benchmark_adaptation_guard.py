@@ -25,6 +25,7 @@ def test_every_draw_is_scored_adapted_and_not_and_each_rule_decides_from_its_che
             assert draw["kept"] == keeps_adaptation(draw["masked_z"], draw["recorrupted_z"], case.startswith("rician"))
             assert draw["kept_by_both_checks"] == (draw["masked_z"] > 2 and draw["recorrupted_z"] > 2)
         assert draws[0]["trained"] != draws[1]["trained"]  # two different noise draws
+        assert all(draw["adapted"] != draw["trained"] for draw in draws)  # the adapted copy is scored, kept or not
     written = (tmp_path / "README.md").read_text()
     assert "old table" not in written and "| gaussian 0.1 |" in written and "| rician 0.1 coarse |" in written
 

@@ -379,3 +379,24 @@ def test_the_rician_floor_of_a_tiny_sigma_leaves_the_image_as_it_is_without_over
         floored = remove_rician_floor(image, 1e-35)
     np.testing.assert_allclose(floored, image, rtol=1e-6)
     assert np.isnan(remove_rician_floor(np.array([np.nan], dtype=np.float32), 0.06)[0])
+
+
+def test_an_output_is_replaced_whole_or_not_at_all(tmp_path):
+    """A write that fails half-way leaves the previous file as it was and no temporary file; one that succeeds
+    gets the usual permissions, not mkstemp's private ones."""
+    import os
+    from common import atomic_write
+    path = tmp_path / "out.json"
+    path.write_text("old")
+
+    def fails_half_way(tmp):
+        with open(tmp, "w") as f:
+            f.write("half of the new")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        atomic_write(path, fails_half_way)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    atomic_write(path, lambda tmp: open(tmp, "w").write("new"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "new" and (path.stat().st_mode & 0o777) == 0o666 & ~umask

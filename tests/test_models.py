@@ -40,14 +40,17 @@ def test_seed_network_has_the_original_parameter_count():
 
 
 def test_noise_map_networks_use_the_noise_sigma():
+    checked = []
     for arch in models.ARCHITECTURES:
         torch.manual_seed(0)
-        model = models.build_model(arch).eval()
+        model = models.build_model(arch, {} if arch == "seed" else {"noise_map": True}).eval()
         if not models.uses_noise_map(model):
             continue
         noisy = torch.rand(1, 1, 16, 16)
         with torch.inference_mode():
             assert not torch.equal(model(noisy, torch.tensor([0.01])), model(noisy, torch.tensor([0.2]))), arch
+        checked.append(arch)
+    assert sorted(checked) == ["dncnn", "shufflenet", "unet"]  # every network that can take a noise level
 
 
 def checkpoint_of(model, arch, arch_args=None):

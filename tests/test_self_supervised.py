@@ -253,6 +253,38 @@ def test_the_heldout_fraction_sets_how_many_pixels_check_the_adaptation():
         adapt_to_slices(model, noisy, 0.05, n_steps=1, max_seconds=30, heldout_fraction=0.5)
 
 
+def test_a_time_partner_target_is_the_partner_with_noise_of_its_own(monkeypatch):
+    """Noise2Noise: the target is the other time point's slice with independent noise, not the input again
+    (training toward the input itself also lowers a loss, so an end-to-end run cannot tell)."""
+    import train_autoencoder
+    for name, value in (("training_target", "time_partner"), ("patch_size", 0), ("augment", False),
+                        ("fresh_noise", True), ("noise_sigma_range", []), ("synthetic_fraction", 0.0)):
+        monkeypatch.setattr(train_autoencoder, name, value)
+    rows, columns = np.mgrid[:64, :64]
+    clean = (0.5 + 0.3 * np.sin(rows / 5.0)).astype(np.float32)
+    partner_clean = clean * 1.01
+    noisy, target, sigma = train_autoencoder.make_training_pair([clean, clean, partner_clean, partner_clean],
+                                                                epoch=0, index=0, train_sigma=0.1,
+                                                                train_noise_model="gaussian")
+    input_noise, target_noise = (noisy - clean).ravel(), (target - partner_clean).ravel()
+    assert abs(np.corrcoef(input_noise, target_noise)[0, 1]) < 0.05
+    assert target_noise.std() == pytest.approx(0.1, rel=0.05) and sigma == 0.1
+
+
+def test_a_magnitude_image_is_judged_by_the_magnitude_rule(monkeypatch):
+    import common
+    calls = []
+    monkeypatch.setattr(common, "keeps_adaptation", lambda m, r, magnitude=False: calls.append(magnitude) or False)
+    clean = np.stack([phantom_volume((32, 32, 1), seed=s)[:, :, 0] / 1000 for s in range(4)]).astype(np.float32)
+    noisy = add_noise(clean, 0.08, "rician", np.random.default_rng(0).standard_normal((2, *clean.shape),
+                                                                                     dtype=np.float32))
+    for magnitude in (True, False):
+        _, info = adapt_to_slices(build_model("unet", {"width": 8}).eval(), noisy, 0.08, n_steps=2, max_seconds=30,
+                                  patch_size=16, magnitude=magnitude)
+        assert info["kept"] is False
+    assert calls == [True, False]
+
+
 def test_the_held_out_check_never_sees_a_held_out_value():
     """masked_pixel_errors: changing the noisy value at held-out pixels changes nothing the network sees."""
     from common import masked_pixel_errors
