@@ -136,7 +136,7 @@ def test_rician_noise_is_biased_upwards_at_zero_signal():
     assert noisy.min() >= 0
     # far above the noise it is close to Gaussian: unbiased, standard deviation sigma
     bright = add_noise(np.ones(200_000), sigma, "rician", rng.standard_normal((2, 200_000)))
-    assert abs(bright.mean() - 1 - sigma ** 2 / 2) < 0.002
+    assert abs(bright.mean() - 1 - sigma ** 2 / 2) < 4e-4  # the bias, 1.25e-3, is 11 standard errors of the mean
     assert abs(bright.std() - sigma) < 0.02 * sigma
 
 

@@ -92,7 +92,7 @@ def test_recorrupted_training_refuses_rician_noise(paired_dataset, tmp_path):
     result = run_script("train_autoencoder", f"--dataset_path={paired_dataset}", f"--models_dir={tmp_path}",
                         "--training_target=recorrupted", "--noise_model=rician", check=False)
     assert result.returncode != 0
-    assert "Gaussian" in result.stderr.strip().splitlines()[-1]
+    assert "training_target=recorrupted needs Gaussian noise" in result.stderr.strip().splitlines()[-1]
 
 
 def test_recorrupted_training_needs_a_noise_sigma(tmp_path, tiny_scan):
