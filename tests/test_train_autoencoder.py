@@ -146,6 +146,27 @@ def test_zoom_and_contrast_augmentation_train_on_equal_patches(tmp_path, tiny_da
     assert settings["zoom_range"] == [0.1, 1.6] and settings["loss_weighting"] == "inverse_variance"
 
 
+def test_dark_discs_and_inverse_variance_weights_act_on_what_is_trained(monkeypatch):
+    """The two settings the end-to-end run above only records: dark discs put zero-signal regions into the
+    dead-leaves images, and inverse-variance weighting makes the low-noise image count more in the loss."""
+    import train_autoencoder
+    dark = [train_autoencoder.dead_leaves_image((64, 64), np.random.default_rng(i), dark_fraction=0.5)
+            for i in range(4)]
+    plain = [train_autoencoder.dead_leaves_image((64, 64), np.random.default_rng(i)) for i in range(4)]
+    assert np.mean([np.mean(d < 0.02) for d in dark]) > 3 * np.mean([np.mean(p < 0.02) for p in plain]) + 0.05
+
+    def constant_output(noisy, sigma):
+        return torch.zeros_like(noisy)
+    noisy = torch.zeros(2, 1, 8, 8)
+    target = torch.stack([torch.full((1, 8, 8), 0.1), torch.full((1, 8, 8), 0.3)])  # errors 0.01 and 0.09
+    sigma = torch.tensor([0.01, 0.1])
+    plain_loss = train_autoencoder.training_loss(constant_output, noisy, target, sigma, 0, 0)
+    monkeypatch.setattr(train_autoencoder, "loss_weighting", "inverse_variance")
+    weighted_loss = train_autoencoder.training_loss(constant_output, noisy, target, sigma, 0, 0)
+    assert float(plain_loss) == pytest.approx(0.05)
+    assert float(weighted_loss) == pytest.approx((0.01 / 0.01 ** 2 + 0.09 / 0.1 ** 2) / (1 / 0.01 ** 2 + 1 / 0.1 ** 2))
+
+
 def test_synthetic_images_replace_the_scan_and_have_flat_regions_and_edges(monkeypatch):
     import train_autoencoder
     monkeypatch.setattr(train_autoencoder, "synthetic_fraction", 1.0)
