@@ -729,8 +729,12 @@ def plot_denoising_grid(noisy, denoised, clean, masks, title):
             axis.set_xticks([])
             axis.set_yticks([])
             if column < 2:
-                psnr_db = peak_signal_noise_ratio(clean[row][masks[row]], image[masks[row]], data_range=1.0)
-                axis.set_title(f"{name}: {psnr_db:.2f} dB in mask", fontsize=9)
+                inside_clean, inside_image = clean[row][masks[row]], image[masks[row]]
+                if np.array_equal(inside_clean, inside_image):  # a real series without added noise: no PSNR
+                    axis.set_title(f"{name}: the clean image", fontsize=9)
+                else:
+                    psnr_db = peak_signal_noise_ratio(inside_clean, inside_image, data_range=1.0)
+                    axis.set_title(f"{name}: {psnr_db:.2f} dB in mask", fontsize=9)
             else:
                 axis.set_title(name, fontsize=9)
     figure.suptitle(title, fontsize=10)

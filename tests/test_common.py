@@ -400,3 +400,15 @@ def test_an_output_is_replaced_whole_or_not_at_all(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.read_text() == "new" and (path.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_the_example_grid_of_a_series_without_added_noise_names_no_psnr(recwarn):
+    """A real series (make_dataset --noise_sigma=0) has its noisy image as its clean one: the grid says so
+    instead of asking scikit-image for the PSNR of identical images (a divide-by-zero warning and inf dB)."""
+    from common import plot_denoising_grid
+    clean = np.random.default_rng(0).random((1, 16, 16)).astype(np.float32)
+    masks = np.ones_like(clean, dtype=bool)
+    figure = plot_denoising_grid(clean, clean * 0.9, clean, masks, "title")
+    titles = [axis.get_title() for axis in figure.axes]
+    assert titles[0] == "noisy: the clean image" and titles[1].endswith("dB in mask") and "inf" not in titles[1]
+    assert not [w for w in recwarn if "divide" in str(w.message)]
