@@ -28,6 +28,12 @@ class InputError(Exception):
     """A problem with the user's files or settings, reported as one line and a non-zero exit."""
 
 
+def check_seed(seed):
+    """numpy's and torch's generators take seeds from 0 up to below 2**63 (torch's limit)."""
+    if not 0 <= seed < 2 ** 63:
+        raise InputError(f"seed={seed}; expected a whole number from 0 to 2**63 - 1")
+
+
 def _stop(signal_number, frame):
     raise KeyboardInterrupt
 

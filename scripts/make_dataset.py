@@ -7,7 +7,7 @@ import tempfile
 
 import numpy as np
 
-from common import (BUNDLED_SCAN, MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, check_output_path,
+from common import (BUNDLED_SCAN, MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, check_output_path, check_seed,
                     estimate_noise_sigma, foreground_mask, is_magnitude_image, load_nifti, normalise, package_versions,
                     percentile_range, run_main, save_npz)
 
@@ -118,6 +118,7 @@ def split_groups(groups, rng, what):
 
 
 def check_settings():
+    check_seed(seed)
     if n_timepoints < 1:
         raise InputError(f"n_timepoints={n_timepoints}; expected 1 or more")
     if not 0 <= noise_sigma < MAX_NOISE_SIGMA:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from common import (MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, atomic_write, check_file_exists,
+from common import (MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, atomic_write, check_file_exists, check_seed,
                     check_output_path, denoise_slices, keep_freed_memory, load_dataset, native_bfloat16,
                     neighbor2neighbor_loss, package_versions, pick_device, plot_denoising_grid, recorrupt, run_main,
                     save_figure, unpadded, usable_cores)
@@ -73,7 +73,11 @@ MIN_PATCH_SIZE = 8  # pixels: Neighbor2Neighbor halves a patch, and the networks
 
 def check_settings(world_size):
     """The settings that need no data, checked before anything is read."""
+    check_seed(seed)
     problems = []
+    if "/" in output_tag or os.sep in output_tag:
+        problems.append(f"output_tag={output_tag!r} holds a path separator; it is added to file names (give folders "
+                        "with models_dir, plots_dir and examples_dir)")
     if arch not in ARCHITECTURES:
         problems.append(f"arch={arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     else:
@@ -158,6 +162,15 @@ def training_rows(arrays):
         raise InputError(f"training_target=time_partner needs time pairs: make {dataset_path} with "
                          "make_dataset.py --pairing=time from a 4D scan")
     return np.flatnonzero(is_train & (arrays["partner_index"] >= 0))
+
+
+def training_positions(arrays, rows, dataset_settings):
+    """Sorted [scan file name, slice position] of the training images: a resumed run must train on the same ones,
+    or the evaluation's check for test positions seen in training would miss those of the first dataset."""
+    names = [os.path.basename(path) for path in dataset_settings.get("input_paths", [])]
+    pairs = {(names[scan] if scan < len(names) else str(scan), int(position))
+             for scan, position in zip(arrays["scan_index"][rows].tolist(), arrays["slice_index"][rows].tolist())}
+    return [list(pair) for pair in sorted(pairs)]
 
 
 def setup_distributed():
@@ -414,6 +427,10 @@ def load_resume_state(path, model, optimiser, run_data):
     if saved.get("n_train_images", n_train) != n_train:
         raise InputError(f"{cannot}: it was trained on {saved['n_train_images']} images, {dataset_path} has "
                          f"{n_train}; resume with the dataset it was trained on")
+    if saved.get("train_positions", run_data["train_positions"]) != run_data["train_positions"]:
+        raise InputError(f"{cannot}: it was trained on other slice positions than the training split of {dataset_path} "
+                         "(a dataset of other scans, or split with another seed or slice range), so the test positions "
+                         "of either could have been trained on; resume with the dataset it was trained on")
     if state["epoch"] > n_epochs:
         raise InputError(f"{cannot}: it has done {state['epoch']} epochs, more than n_epochs={n_epochs}")
     try:
@@ -477,6 +494,10 @@ def main():
         print(f"note: patch_size={patch_size} is larger than the {height}x{width} slices of {dataset_path}: each "
               f"patch is cut to at most {min(patch_size, height)}x{min(patch_size, width)}")
     train_sigma = float(dataset_settings["noise_sigma"])  # the noise added to the clean images
+    if train_sigma == 0 and training_target == "clean" and not noise_sigma_range:
+        raise InputError(f"{dataset_path} has no added noise (make_dataset.py --noise_sigma=0): its clean images are "
+                         "the noisy ones, so training_target=clean would learn to change nothing; use "
+                         "training_target=time_partner (a dataset made with --pairing=time) or neighbor2neighbor")
     told_sigma = train_sigma or train["own_noise_sigma"]  # the noise level the network is told without a range
     train_noise_model = noise_model or dataset_settings["noise_model"]
     if train_noise_model not in ("gaussian", "rician"):
@@ -495,7 +516,8 @@ def main():
         print(f"warning: {device} has no native bfloat16 arithmetic; precision=bfloat16 will be slower than float32",
               file=sys.stderr)
     run_data = {"n_train_images": n_train, "train_noise_model": train_noise_model,  # compared on --resume
-                "dataset_settings": {k: v for k, v in dataset_settings.items() if k != "versions"}}
+                "dataset_settings": {k: v for k, v in dataset_settings.items() if k != "versions"},
+                "train_positions": training_positions(arrays, train["rows"], dataset_settings)}
     torch.manual_seed(seed)
     model = build_model(arch, arch_args).to(device).to(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
@@ -522,6 +544,9 @@ def main():
     if os.path.exists(output_paths["model"]) and not overwrite:
         raise InputError(f"{output_paths['model']} exists (a shipped or earlier network); choose another --output_tag "
                          "or --models_dir, or pass --overwrite to replace it")
+    if os.path.exists(resume_path) and not overwrite and not (resume and os.path.samefile(resume, resume_path)):
+        raise InputError(f"{resume_path} holds the state of an earlier run of this name, which this run would replace; "
+                         f"continue it with --resume={resume_path}, or pass --overwrite to start again")
     if rank == 0:
         print(f"{arch} ({count_parameters(model):,} parameters) on {device} x{world_size}, "
               f"{n_train} training and {len(val['rows'])} validation images, "

@@ -95,12 +95,18 @@ def test_recorrupted_training_refuses_rician_noise(paired_dataset, tmp_path):
     assert "training_target=recorrupted needs Gaussian noise" in result.stderr.strip().splitlines()[-1]
 
 
-def test_recorrupted_training_needs_a_noise_sigma(tmp_path, tiny_scan):
+def test_recorrupted_or_clean_training_on_a_series_without_added_noise_is_refused(tmp_path, tiny_scan):
     run_script("make_dataset", f"--input_paths={tiny_scan}", f"--output={tmp_path / 'real.npz'}", "--noise_sigma=0")
     result = run_script("train_autoencoder", f"--dataset_path={tmp_path / 'real.npz'}", f"--models_dir={tmp_path}",
                         "--training_target=recorrupted", "--fresh_noise=false", "--batch_size=4", check=False)
     assert result.returncode != 0
     assert "needs the noise sigma" in result.stderr.strip().splitlines()[-1]
+    # its clean images are its noisy ones: a supervised network would learn to change nothing
+    result = run_script("train_autoencoder", f"--dataset_path={tmp_path / 'real.npz'}", f"--models_dir={tmp_path}",
+                        "--batch_size=4", check=False)
+    assert result.returncode != 0
+    assert "training_target=clean would learn to change nothing" in result.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.glob("*.pt"))
 
 
 @pytest.mark.parametrize("target", ["time_partner", "neighbor2neighbor", "recorrupted"])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,6 +174,10 @@ def fail(*args, **kwargs):
     ("train", ["--arch=nonsense"], "arch='nonsense'"),
     ("train", ["--batch_size=16"], f"{TRAIN_IMAGES} training images, fewer than batch_size=16"),
     ("train", ["--noise_sigma_range=0.01,25"], "the [0, 1] scale"),
+    ("train", ["--seed=-1"], "seed=-1; expected a whole number from 0"),
+    ("train", ["--seed=99999999999999999999999"], "seed=99999999999999999999999"),
+    ("train", ["--output_tag=../escape"], "holds a path separator"),
+    ("make", ["--seed=-1"], "seed=-1; expected a whole number from 0"),
     ("make", ["--noise_sigma=-0.01"], "noise_sigma=-0.01"),
     ("make", ["--noise_sigma=25"], "not the scan's units"),  # a sigma in scanner units
     ("make", ["--pairing=time", "--n_timepoints=1"], "n_timepoints=1 keeps one"),  # not "the file has one volume"
@@ -194,3 +199,33 @@ def test_bad_settings_stop_before_any_work_and_name_the_setting(tiny_dataset, tm
         run_in_process(module, *args)
     assert expected in str(error.value)
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_a_run_does_not_replace_the_resume_state_of_an_earlier_one_it_does_not_continue(tiny_dataset, tmp_path):
+    """A Ctrl-C'd run leaves NAME.resume.pt and no NAME.pt: the same command again, --resume forgotten, would start
+    from scratch and overwrite the saved progress at its first checkpoint."""
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2))
+    (tmp_path / f"{run_name(2)}.pt").unlink()  # as after a Ctrl-C
+    state = tmp_path / f"{run_name(2)}.resume.pt"
+    saved = state.read_bytes()
+    with pytest.raises(InputError) as error:
+        run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2))
+    message = str(error.value)
+    assert f"{state} holds the state of an earlier run" in message and f"--resume={state}" in message
+    assert state.read_bytes() == saved
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2, f"--resume={state}"))  # continues it
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2, "--overwrite"))  # starts again
+
+
+def test_resuming_on_a_dataset_split_otherwise_is_refused(tiny_dataset, uninterrupted, tmp_path):
+    """Another seed splits the same scan at other positions, into as many training images: the resumed network
+    would have trained on test positions of the dataset its checkpoint names, and the evaluation could not tell."""
+    scan = tiny_dataset.parent / "tiny.nii.gz"
+    other = tmp_path / "other_split.npz"
+    run_in_process(make_dataset, f"--input_paths={scan}", f"--output={other}", "--slice_range=1,7",
+                   "--target_n_images=1", "--seed=3")
+    with np.load(other) as a, np.load(tiny_dataset) as b:
+        assert (a["split"] == "train").sum() == (b["split"] == "train").sum()
+        assert set(a["slice_index"][a["split"] == "train"]) != set(b["slice_index"][b["split"] == "train"])
+    message = resume_error(tmp_path, other, uninterrupted / f"{run_name(4)}.resume.pt")
+    assert "trained on other slice positions" in message
