@@ -32,7 +32,7 @@ adapt_loss = "recorrupted"        # "recorrupted" or "neighbor2neighbor" (see us
 precision = "auto"                # of the networks: "auto", "float32" or "bfloat16" (see use_trained_autoencoder.py)
 seed = 500
 results_path = "denoising_examples/benchmark_adaptation_guard.json"
-update_readme = True              # write the table into README.md between the benchmark_adaptation_guard markers
+update_readme = False             # true: write the table into README.md between the benchmark_adaptation_guard markers
 # ---
 
 

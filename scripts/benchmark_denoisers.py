@@ -60,7 +60,8 @@ adapt_heldout_fraction = 0.1                # pixels held out of the adaptation'
 split = "test"                              # the slices scored: "test"; "val" to choose between networks
                                             # (its outputs and README markers end in _val)
 results_name = ""                           # output names: benchmark{results_name}_{noise_model}.*
-update_readme = True                        # write the main table into README.md between the markers
+update_readme = False                       # true: write the main table into README.md between the markers
+                                            # (off by default: a try-out run must not replace the measured tables)
 examples_dir = "denoising_examples"         # where the JSON and the comparison figure go
 plots_dir = "plots"                         # where the PSNR-over-sigma plot goes
 # ---

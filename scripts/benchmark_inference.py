@@ -44,7 +44,7 @@ adapt_budget_seconds = 60.0       # for the whole command: load, adapt, denoise,
 work_dir = ""                     # keep the synthetic and denoised NIfTIs in a new folder inside this one;
                                   # "" = a temporary folder, removed after
 results_path = "denoising_examples/benchmark_inference.json"
-update_readme = True              # write the table into README.md between the benchmark_inference markers
+update_readme = False             # true: write the table into README.md between the benchmark_inference markers
 # ---
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))

@@ -29,7 +29,7 @@ adapt_seconds = 900.0             # quality is measured here, not speed: room fo
 precision = "auto"                # of the networks: "auto", "float32" or "bfloat16" (see use_trained_autoencoder.py)
 seed = 0
 results_path = "denoising_examples/benchmark_noisy_reference.json"
-update_readme = True              # write the table into README.md between the benchmark_noisy_reference markers
+update_readme = False             # true: write the table into README.md between the benchmark_noisy_reference markers
 # ---
 
 

@@ -7,9 +7,9 @@ import tempfile
 
 import numpy as np
 
-from common import (BUNDLED_SCAN, MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, check_output_path, check_seed,
-                    estimate_noise_sigma, foreground_mask, is_magnitude_image, load_nifti, normalise, package_versions,
-                    percentile_range, run_main, save_npz)
+from common import (BUNDLED_SCAN, MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, check_output_path,
+                    check_seed, estimate_noise_sigma, foreground_mask, is_magnitude_image, load_nifti, normalise,
+                    package_versions, percentile_range, run_main, save_npz)
 
 # --- settings: edit here, or override on the command line: --noise_sigma=0.09 --input_paths=a.nii.gz,b.nii.gz
 input_paths = [BUNDLED_SCAN]      # 3D or 4D NIfTI files; globs ("scans/*.nii.gz") are expanded

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from common import (MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, atomic_write, check_file_exists, check_seed,
-                    check_output_path, denoise_slices, keep_freed_memory, load_dataset, native_bfloat16,
+from common import (MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, atomic_write, check_file_exists,
+                    check_seed, check_output_path, denoise_slices, keep_freed_memory, load_dataset, native_bfloat16,
                     neighbor2neighbor_loss, package_versions, pick_device, plot_denoising_grid, recorrupt, run_main,
                     save_figure, unpadded, usable_cores)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map

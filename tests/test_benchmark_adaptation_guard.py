@@ -15,7 +15,7 @@ def test_every_draw_is_scored_adapted_and_not_and_each_rule_decides_from_its_che
     run_script("benchmark_adaptation_guard", f"--dataset_path={tiny_dataset}",
                f"--model_path={os.path.join(REPO, DEFAULT_MODEL)}",
                "--cases=gaussian 0.1,rician 0.1 coarse", "--n_draws=2", "--adapt_steps=2", "--precision=float32",
-               f"--results_path={results_path}", cwd=tmp_path)
+               f"--results_path={results_path}", "--update_readme=true", cwd=tmp_path)
     results = json.loads(results_path.read_text())
     assert list(results["cases"]) == ["gaussian 0.1", "rician 0.1 coarse"]
     for case, draws in results["cases"].items():
