@@ -13,7 +13,7 @@ Writes denoising_examples/benchmark_adaptation_guard.json and the table into REA
 import numpy as np
 
 from benchmark_denoisers import TEST_SPLIT_CHANGES, noisy_versions, ood_clean_slices
-from common import (DEFAULT_MODEL, InputError, adapt_to_slices, apply_overrides, check_file_exists,
+from common import (DEFAULT_MODEL, InputError, adapt_to_slices, apply_overrides, check_file_exists, check_output_path,
                     denoise_adapted, denoise_slices, estimate_noise_sigma, keep_freed_memory, keeps_adaptation,
                     load_checkpoint, mean_psnr_in_mask, network_name, remove_rician_floor, run_main, save_json,
                     unique_clean_slices, use_bfloat16, write_into_readme)
@@ -110,6 +110,7 @@ def main():
     for case in cases:
         check_case(case)
     check_file_exists(model_path, "checkpoint")
+    check_output_path(results_path)
     import torch
     model, _ = load_checkpoint(model_path)
     bfloat16 = use_bfloat16(precision, torch.device("cpu"))

@@ -14,12 +14,12 @@ import torch
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
-from common import (BUNDLED_SCAN, DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
-                    check_self_ensemble, denoise_slices, denoise_with_adaptation, denormalise, estimate_noise_sigma,
-                    foreground_mask, image_metrics, keep_freed_memory, keeps_rician_floor, load_checkpoint,
-                    mean_psnr_in_mask, network_name, normalise, percentile_range, remove_rician_floor, run_main,
-                    save_figure, save_json, summarise_metrics, tsnr_map, unique_clean_slices, usable_cores,
-                    use_bfloat16, write_into_readme)
+from common import (BUNDLED_SCAN, DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_bm3d_fits,
+                    check_file_exists, check_output_path, check_self_ensemble, denoise_slices,
+                    denoise_with_adaptation, denormalise, estimate_noise_sigma, foreground_mask, image_metrics,
+                    keep_freed_memory, keeps_rician_floor, load_checkpoint, mean_psnr_in_mask, network_name,
+                    normalise, percentile_range, remove_rician_floor, run_main, save_figure, save_json,
+                    summarise_metrics, tsnr_map, unique_clean_slices, usable_cores, use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --noise_model=rician --sigmas=0.06
 dataset_path = "data/mri_denoising.npz"     # its val split tunes the classical methods, its test split scores all
@@ -214,6 +214,22 @@ def scan_path(name):
 TEST_SPLIT_CHANGES = {"coarse": 0.5, "fine": 1.5, "gamma": None}  # zoom factors of test_split:NAME; gamma: contrast
 
 
+def scan_volumes(name):
+    """The voxels of a scan of ood_scans or tsnr_scans as float32 (X, Y, Z, T), checked as use_trained_autoencoder.py
+    checks a NIfTI (the phantom is a PAR/REC file, which load_nifti refuses), and its path."""
+    path = scan_path(name)
+    volumes = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    volumes = volumes.reshape(volumes.shape[:4]) if volumes.ndim == 5 and volumes.shape[4] == 1 else volumes
+    if volumes.ndim not in (3, 4):
+        raise InputError(f"{path} has shape {volumes.shape}; expected a 3D or 4D scan")
+    if not np.all(np.isfinite(volumes)):
+        raise InputError(f"{path} contains {int(np.sum(~np.isfinite(volumes)))} NaN or Inf values")
+    if volumes.min() == volumes.max():
+        raise InputError(f"{path} is constant: nothing to denoise")
+    check_bm3d_fits(volumes.shape[:2], path)
+    return path, volumes if volumes.ndim == 4 else volumes[..., None]
+
+
 def check_settings():
     """Every setting checked before minutes of BM3D, and every scan named found and readable."""
     if split not in ("test", "val"):
@@ -228,9 +244,11 @@ def check_settings():
             raise InputError(f"ood_scans: {name!r}; expected test_split:" + ", test_split:".join(TEST_SPLIT_CHANGES)
                              + " or a scan")
         if not name.startswith("test_split:"):
-            scan_path(name)
+            scan_volumes(name)
     for name in tsnr_scans:
-        scan_path(name)
+        real_series_slices(name)
+    for folder in (examples_dir, plots_dir):
+        check_output_path(os.path.join(folder, "benchmark.json"))
 
 
 def ood_clean_slices(name, bundled_test, min_foreground_fraction):
@@ -245,9 +263,7 @@ def ood_clean_slices(name, bundled_test, min_foreground_fraction):
         clean = np.stack([np.maximum(ndimage.zoom(c, factor, order=3), 0) for c in bundled_test["clean"]])
         masks = np.stack([ndimage.zoom(m.astype(np.float32), factor, order=1) > 0.5 for m in bundled_test["mask"]])
         return clean.astype(np.float32), masks
-    path = scan_path(name)
-    volumes = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    volumes = volumes if volumes.ndim == 4 else volumes[..., None]  # every volume, as the tool denoises them
+    _, volumes = scan_volumes(name)  # every volume, as the tool denoises them
     volumes = normalise(volumes, *percentile_range(volumes))  # as the tool and make_dataset scale a scan
     head = foreground_mask(volumes.mean(axis=3))
     keep = [z for z in range(head.shape[2]) if head[:, :, z].mean() >= min_foreground_fraction]
@@ -259,9 +275,8 @@ def ood_clean_slices(name, bundled_test, min_foreground_fraction):
 def real_series_slices(name):
     """A real 4D series (no synthetic noise), normalised: its slices (z * t, X, Y), its shape, head mask and
     normalisation range."""
-    path = scan_path(name)
-    series = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    if series.ndim != 4 or series.shape[3] < 3:
+    path, series = scan_volumes(name)
+    if series.shape[3] < 3:
         raise InputError(f"{path}: tsnr_scans need a 4D series of 3 or more volumes, this has shape {series.shape}")
     low, high = percentile_range(series)
     series = normalise(series, low, high)  # clipping would flatten the brightest voxels' time course
@@ -447,6 +462,11 @@ def main():
     keep_freed_memory()
     test_clean, test_masks, test_positions, dataset_settings = unique_clean_slices(dataset_path, split)
     val_clean, val_masks, _, _ = unique_clean_slices(dataset_path, "val")
+    check_bm3d_fits(test_clean.shape[1:], dataset_path)
+    for name in ood_scans:  # the zoomed test slices too, before minutes of BM3D on the others
+        factor = TEST_SPLIT_CHANGES.get(name.split(":", 1)[1]) if name.startswith("test_split:") else None
+        if factor:
+            check_bm3d_fits([round(side * factor) for side in test_clean.shape[1:]], name)
     pick = np.linspace(0, len(val_clean) - 1, min(n_tuning_slices, len(val_clean))).astype(int)
     test = {"clean": test_clean, "mask": test_masks}
     val = {"clean": val_clean[pick], "mask": val_masks[pick]}

@@ -21,9 +21,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from common import (DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
-                    mean_psnr_in_mask, normalise, package_versions, percentile_range, run_main, save_json,
-                    write_into_readme)
+from common import (DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_bm3d_fits,
+                    check_file_exists, check_output_path, mean_psnr_in_mask, normalise, package_versions,
+                    percentile_range, run_main, save_json, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = DEFAULT_MODEL        # common.py names the shipped default, for every script
@@ -181,6 +181,7 @@ def main():
     settings = apply_overrides(globals(), aliases={"model": "model_path"})
     if len(shape) != 4 or min(shape) < 1:
         raise InputError(f"shape={shape}; expected four sizes X,Y,Z,T")
+    check_bm3d_fits(shape[:2], f"shape={shape}")
     if len(adapt_shape) != 3 or min(adapt_shape[:2]) < 8 or adapt_shape[2] < 1 or adapt_steps < 1:
         raise InputError(f"adapt_shape={adapt_shape}, adapt_steps={adapt_steps}; expected X,Y of 8 or more, Z of 1 "
                          "or more, and 1 or more steps")
@@ -188,6 +189,9 @@ def main():
         raise InputError(f"n_bm3d_slices={n_bm3d_slices}, noise_sigma={noise_sigma}; expected 1 or more slices and "
                          "a sigma above 0")
     check_file_exists(model_path, "checkpoint (train one with scripts/train_autoencoder.py, or give --model)")
+    check_output_path(results_path)
+    if work_dir and os.path.exists(work_dir) and not os.path.isdir(work_dir):
+        raise InputError(f"work_dir={work_dir} is a file; expected a folder")
     load_before = os.getloadavg()[0]
     if work_dir:
         os.makedirs(work_dir, exist_ok=True)

@@ -13,9 +13,10 @@ Writes denoising_examples/benchmark_noisy_reference.json and the table into READ
 import numpy as np
 
 from common import (DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
-                    denoise_slices, denoise_with_adaptation, estimate_noise_sigma, keep_freed_memory, load_checkpoint,
-                    mean_psnr_in_mask, native_bfloat16, network_name, package_versions, pick_device, run_main,
-                    save_json, unique_clean_slices, use_bfloat16, write_into_readme)
+                    check_output_path, denoise_slices, denoise_with_adaptation, estimate_noise_sigma,
+                    keep_freed_memory, load_checkpoint, mean_psnr_in_mask, native_bfloat16, network_name,
+                    package_versions, pick_device, run_main, save_json, unique_clean_slices, use_bfloat16,
+                    write_into_readme)
 
 # --- settings: edit here, or override on the command line: --reference_sigma=0.03
 dataset_path = "data/mri_denoising.npz"
@@ -62,6 +63,7 @@ def main():
                          f"noise_sigma={noise_sigma}; expected 'test' or 'val', 1 or more, 0 or more and above 0")
     for path in model_paths:  # before BM3D's minutes, not after
         check_file_exists(path, "checkpoint")
+    check_output_path(results_path)
     rng = np.random.default_rng(seed)
     clean, masks, _, _ = unique_clean_slices(dataset_path, split)
     reference = add_noise(clean, reference_sigma, "gaussian", rng.standard_normal((2, *clean.shape), dtype=np.float32))

@@ -1056,9 +1056,20 @@ def mean_psnr_in_mask(clean_slices, estimates, masks):
     return float(np.mean([image_metrics(c, e, m)["psnr_mask"] for c, e, m in zip(clean_slices, estimates, masks)]))
 
 
+MIN_BM3D_SIDE = 9  # pixels: the bm3d package crashes the process (a segmentation fault) on 8x8 slices
+
+
+def check_bm3d_fits(shape, what):
+    """The benchmarks' refusal of slices BM3D cannot take, before any work."""
+    if min(shape) < MIN_BM3D_SIDE:
+        raise InputError(f"{what}: slices of {shape[0]}x{shape[1]} pixels; BM3D needs at least "
+                         f"{MIN_BM3D_SIDE}x{MIN_BM3D_SIDE}")
+
+
 def bm3d_slices(noisy_slices, sigma):
     """BM3D (the bm3d package) of each (H, W) slice, given the noise sigma."""
     import bm3d
+    check_bm3d_fits(noisy_slices.shape[1:], "BM3D")
     return np.stack([bm3d.bm3d(s, sigma_psd=sigma) for s in noisy_slices]).astype(np.float32)
 
 

@@ -1,10 +1,12 @@
 """benchmark_denoisers.py end to end on a tiny dataset and a tiny network, in a temporary folder."""
 import json
+import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import DEFAULT_MODEL, assert_one_line_error, phantom_volume, run_script, write_nifti
+from conftest import DEFAULT_MODEL, REPO, assert_one_line_error, phantom_volume, run_script, write_nifti
 
 
 def test_the_gain_over_bm3d_is_paired_per_slice_and_clustered_by_position():
@@ -154,6 +156,9 @@ def test_with_rician_noise_the_floor_comes_out_of_gaussian_trained_networks_and_
     assert BM3D_WITHOUT_FLOOR not in all_methods(0.06, 0.5, 0.8, networks, False, rician=False)
 
 
+SHIPPED = os.path.join(REPO, DEFAULT_MODEL)
+
+
 @pytest.mark.parametrize("script, overrides, fragment", [
     ("benchmark_denoisers", ["--ood_scans=test_split:medium"], "expected test_split:coarse, test_split:fine"),
     ("benchmark_denoisers", ["--tsnr_scans=notes.txt"], "notes.txt is not an image nibabel can read"),
@@ -162,10 +167,26 @@ def test_with_rician_noise_the_floor_comes_out_of_gaussian_trained_networks_and_
     ("benchmark_noisy_reference", ["--split=tset"], "split='tset'"),
     ("benchmark_noisy_reference", ["--model_paths=missing.pt"], "missing.pt: no such checkpoint"),
     ("benchmark_inference", ["--n_bm3d_slices=0"], "n_bm3d_slices=0"),
+    # scans that failed only after the main sweep, with a traceback (or, 8x8 slices, BM3D's segmentation fault)
+    ("benchmark_denoisers", ["--ood_scans=flat.nii.gz"], "flat.nii.gz has shape (12, 12); expected a 3D or 4D scan"),
+    ("benchmark_denoisers", ["--ood_scans=nan.nii.gz"], "nan.nii.gz contains 1 NaN or Inf values"),
+    ("benchmark_denoisers", ["--ood_scans=small.nii.gz"], "small.nii.gz: slices of 8x8 pixels; BM3D needs at least 9x9"),
+    ("benchmark_denoisers", ["--tsnr_scans=small.nii.gz"], "small.nii.gz: slices of 8x8 pixels"),
+    ("benchmark_inference", ["--shape=8,8,2,2"], "shape=[8, 8, 2, 2]: slices of 8x8 pixels; BM3D needs at least 9x9"),
+    ("benchmark_noisy_reference", ["--results_path=notes", f"--model_paths={SHIPPED}"], "notes is a folder"),
+    ("benchmark_adaptation_guard", ["--results_path=notes", f"--model_path={SHIPPED}"], "notes is a folder"),
+    ("benchmark_inference", ["--work_dir=notes.txt", f"--model={SHIPPED}"], "work_dir=notes.txt is a file"),
 ])
 def test_bad_benchmark_settings_are_one_line_before_any_work(tmp_path, script, overrides, fragment):
     """Checked before minutes of BM3D, not after them; nothing is written."""
     (tmp_path / "notes.txt").write_text("not an image")
-    result = run_script(script, "--update_readme=false", *overrides, check=False, cwd=tmp_path)
+    (tmp_path / "notes").mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in (("flat", (12, 12)), ("nan", (12, 12, 3)), ("small", (8, 8, 3, 4))):
+        voxels = rng.random(shape).astype(np.float32)
+        voxels.flat[0] = np.nan if name == "nan" else voxels.flat[0]
+        nib.save(nib.Nifti1Image(voxels, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_script(script, *overrides, check=False, cwd=tmp_path)
     assert_one_line_error(result, fragment)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
