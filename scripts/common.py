@@ -736,7 +736,9 @@ def plot_denoising_grid(noisy, denoised, clean, masks, title):
             axis.set_yticks([])
             if column < 2:
                 inside_clean, inside_image = clean[row][masks[row]], image[masks[row]]
-                if np.array_equal(inside_clean, inside_image):  # a real series without added noise: no PSNR
+                if not masks[row].any():
+                    axis.set_title(f"{name} (no head in this slice)", fontsize=9)
+                elif np.array_equal(inside_clean, inside_image):  # a real series without added noise: no PSNR
                     axis.set_title(f"{name}: the clean image", fontsize=9)
                 else:
                     psnr_db = peak_signal_noise_ratio(inside_clean, inside_image, data_range=1.0)

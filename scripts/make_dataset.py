@@ -87,6 +87,10 @@ def select_slices(head_mask, path, constant):
         first, last = slice_range
         if not 0 <= first < last <= n_slices:
             raise InputError(f"slice_range={slice_range} does not fit {path}, which has {n_slices} slices")
+        empty = [z for z in range(first, last) if constant[z] or not head_mask[:, :, z].any()]
+        if empty:  # nothing to denoise there, and no head to score the denoising in
+            raise InputError(f"slice_range={slice_range}: {path} is constant or holds no head at slice(s) "
+                             f"{', '.join(map(str, empty))}; choose a range without them")
         return list(range(first, last))
     fractions = head_mask.mean(axis=(0, 1))
     positions = [z for z in range(n_slices) if fractions[z] >= min_foreground_fraction and not constant[z]]

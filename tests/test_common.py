@@ -412,3 +412,6 @@ def test_the_example_grid_of_a_series_without_added_noise_names_no_psnr(recwarn)
     titles = [axis.get_title() for axis in figure.axes]
     assert titles[0] == "noisy: the clean image" and titles[1].endswith("dB in mask") and "inf" not in titles[1]
     assert not [w for w in recwarn if "divide" in str(w.message)]
+    figure = plot_denoising_grid(clean, clean * 0.9, clean, ~masks, "title")  # a slice without head: no PSNR
+    assert [axis.get_title() for axis in figure.axes][:2] == ["noisy (no head in this slice)",
+                                                              "denoised (no head in this slice)"]

@@ -168,6 +168,11 @@ def test_constant_slices_are_not_kept_though_the_head_mask_reaches_into_them(tmp
     _, arrays = make_dataset(tmp_path, scan)
     kept = set(arrays["slice_index"].tolist())
     assert 3 not in kept and 5 not in kept and {2, 4, 6} <= kept
+    # named in slice_range they are refused, not kept: they would be scored on an empty head (PSNR nan)
+    result = run_script("make_dataset", f"--input_paths={scan}", f"--output={tmp_path / 'range.npz'}",
+                        "--slice_range=1,9", check=False)
+    assert_one_line_error(result, "slice_range=[1, 9]", "constant or holds no head at slice(s) 3, 5")
+    assert not (tmp_path / "range.npz").exists()
 
 
 def test_without_noise_each_clean_slice_is_stored_once(tmp_path, tiny_scan):
