@@ -13,10 +13,10 @@ Writes denoising_examples/benchmark_adaptation_guard.json and the table into REA
 import numpy as np
 
 from benchmark_denoisers import TEST_SPLIT_CHANGES, noisy_versions, ood_clean_slices
-from common import (DEFAULT_MODEL, InputError, adapt_to_slices, apply_overrides, check_file_exists, check_output_path,
-                    denoise_adapted, denoise_slices, estimate_noise_sigma, keep_freed_memory, keeps_adaptation,
-                    load_checkpoint, mean_psnr_in_mask, network_name, remove_rician_floor, run_main, save_json,
-                    unique_clean_slices, use_bfloat16, write_into_readme)
+from common import (DEFAULT_MODEL, MAX_NOISE_SIGMA, InputError, adapt_to_slices, apply_overrides, check_file_exists,
+                    check_output_path, denoise_adapted, denoise_slices, estimate_noise_sigma, keep_freed_memory,
+                    keeps_adaptation, load_checkpoint, mean_psnr_in_mask, network_name, remove_rician_floor, run_main,
+                    save_json, unique_clean_slices, use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --n_draws=8
 dataset_path = "data/mri_denoising.npz"
@@ -42,12 +42,13 @@ def check_case(case):
     valid = 2 <= len(words) <= 3 and words[0] in ("gaussian", "rician") and (
         len(words) == 2 or words[2] in TEST_SPLIT_CHANGES)
     try:
-        valid = valid and float(words[1]) > 0
+        valid = valid and 0 < float(words[1]) < MAX_NOISE_SIGMA
     except ValueError:
         valid = False
     if not valid:
-        raise InputError(f"cases: {case!r}; expected 'gaussian' or 'rician', a sigma above 0 and optionally one of "
-                         + ", ".join(TEST_SPLIT_CHANGES) + ", such as 'rician 0.06 coarse'")
+        raise InputError(f"cases: {case!r}; expected 'gaussian' or 'rician', a sigma above 0 and below "
+                         f"{MAX_NOISE_SIGMA}, and optionally one of " + ", ".join(TEST_SPLIT_CHANGES)
+                         + ", such as 'rician 0.06 coarse'")
 
 
 def case_slices(case, split_slices, min_foreground_fraction):
@@ -104,9 +105,10 @@ def markdown_table(results, name):
 def main():
     keep_freed_memory()
     apply_overrides(globals())
-    if split not in ("test", "val") or n_draws < 1 or adapt_steps < 1:
-        raise InputError(f"split={split!r}, n_draws={n_draws}, adapt_steps={adapt_steps}; expected 'test' or 'val' "
-                         "and counts of 1 or more")
+    if split not in ("test", "val") or n_draws < 1 or adapt_steps < 1 or not adapt_seconds > 0:
+        raise InputError(f"split={split!r}, n_draws={n_draws}, adapt_steps={adapt_steps}, "
+                         f"adapt_seconds={adapt_seconds}; expected 'test' or 'val', counts of 1 or more and a time "
+                         "above 0")
     for case in cases:
         check_case(case)
     check_file_exists(model_path, "checkpoint")

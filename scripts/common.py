@@ -117,7 +117,8 @@ def apply_overrides(settings, argv=None, aliases=None):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise InputError(f"unexpected argument {arg!r}; settings look like --name=value")
+            raise InputError(f"unexpected argument {arg!r}; settings look like --name=value (several files: "
+                             "--input_paths=a.nii.gz,b.nii.gz, or a glob in quotes, which the shell leaves alone)")
         name, has_value, text = arg[2:].partition("=")
         name = aliases.get(name, name)
         if name not in known:

@@ -40,7 +40,8 @@ MIN_SLICE_SIZE = 8  # pixels: the training's smallest patch, and more than sciki
 def expand_paths(paths):
     expanded = []
     for path in paths:
-        matches = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+        # a file whose name holds glob characters ("scan[1].nii.gz") is that file, not a pattern
+        matches = sorted(glob.glob(path)) if any(c in path for c in "*?[") and not os.path.isfile(path) else [path]
         if not matches:
             raise InputError(f"{path}: no file matches this pattern")
         expanded += matches
@@ -251,7 +252,7 @@ def main():
     scans = [describe_scan(path, scan_index) for scan_index, path in enumerate(paths)]
     if pairing == "time" and all(scan["n_time"] < 2 for scan in scans):
         raise InputError(f"pairing=time needs a 4D scan of 2 or more volumes; {', '.join(paths)} "
-                         f"{'has' if len(paths) == 1 else 'have'} one volume each")
+                         f"{'has one volume' if len(paths) == 1 else 'have one volume each'}")
     split_of = assign_splits(scans)
     n_clean = sum(len(s["positions"]) * s["n_time"] for s in scans)
     # without noise every realisation would be the same image

@@ -30,9 +30,16 @@ def test_every_draw_is_scored_adapted_and_not_and_each_rule_decides_from_its_che
     assert "old table" not in written and "| gaussian 0.1 |" in written and "| rician 0.1 coarse |" in written
 
 
-@pytest.mark.parametrize("case", ["poisson 0.06", "gaussian x", "gaussian 0", "rician 0.06 blurred", "gaussian"])
+@pytest.mark.parametrize("case", ["poisson 0.06", "gaussian x", "gaussian 0", "rician 0.06 blurred", "gaussian",
+                                  "gaussian 5"])
 def test_a_case_that_does_not_read_is_one_clear_error(tmp_path, case):
     result = run_script("benchmark_adaptation_guard", f"--cases={case}", f"--results_path={tmp_path / 'g.json'}",
                         cwd=tmp_path, check=False)
     assert result.returncode == 1 and f"cases: {case!r}" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "g.json").exists()
+
+
+def test_an_adaptation_without_time_is_refused(tmp_path):
+    result = run_script("benchmark_adaptation_guard", "--adapt_seconds=-1", f"--results_path={tmp_path / 'g.json'}",
+                        cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "adapt_seconds=-1.0" in result.stderr.strip().splitlines()[-1]

@@ -179,3 +179,10 @@ def test_without_noise_each_clean_slice_is_stored_once(tmp_path, tiny_scan):
     _, arrays = make_dataset(tmp_path, tiny_scan, "dataset.npz", "--noise_sigma=0")
     keys = np.stack([arrays["slice_index"], arrays["time_index"]], axis=1)
     assert len(np.unique(keys, axis=0)) == len(keys)
+
+
+def test_a_file_named_with_glob_characters_is_that_file(tmp_path, tiny_scan):
+    scan = tmp_path / "scan[1].nii.gz"
+    scan.write_bytes(open(tiny_scan, "rb").read())
+    _, arrays = make_dataset(tmp_path, scan)
+    assert len(arrays["clean"]) > 0
