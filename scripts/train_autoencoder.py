@@ -613,7 +613,6 @@ def main():
         "history": history, "validation": val["label"], "world_size": world_size, "train_seconds_this_run": seconds,
         "versions": package_versions(),
     }
-    model_path = save_torch({"state_dict": model.state_dict(), "metadata": metadata}, output_paths["model"])
     title = f"{arch}{output_tag}, {n_epochs} epochs, {n_train} images"
     plot_path = save_figure(plot_loss_curves(history, title, val["label"]), output_paths["plot"])
     examples = val["rows"][np.linspace(0, len(val["rows"]) - 1, 5).astype(int)]
@@ -621,6 +620,8 @@ def main():
     figure = plot_denoising_grid(noisy, denoise_slices(model.eval(), noisy, told_sigma), clean, mask,
                                  f"{title}: validation slices")
     grid_path = save_figure(figure, output_paths["examples"])
+    # the model last: a run stopped before it has none, and --resume with its state of the last epoch writes all three
+    model_path = save_torch({"state_dict": model.state_dict(), "metadata": metadata}, output_paths["model"])
     print(f"trained in {seconds:.0f} s; final validation MSE {history['val_mse'][-1]:.3e}")
     print(f"model written to {model_path}\nloss plot written to {plot_path}\nexamples written to {grid_path}")
     if world_size > 1:

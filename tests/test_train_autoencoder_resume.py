@@ -229,3 +229,19 @@ def test_resuming_on_a_dataset_split_otherwise_is_refused(tiny_dataset, uninterr
         assert set(a["slice_index"][a["split"] == "train"]) != set(b["slice_index"][b["split"] == "train"])
     message = resume_error(tmp_path, other, uninterrupted / f"{run_name(4)}.resume.pt")
     assert "trained on other slice positions" in message
+
+
+def test_a_run_stopped_while_writing_its_outputs_writes_no_model_and_resumes_to_all_of_them(tiny_dataset, tmp_path,
+                                                                                             monkeypatch):
+    """The model is written last: a model beside a missing figure would make the same command refuse to run again."""
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(train_autoencoder, "save_figure", stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2))
+    assert not (tmp_path / f"{run_name(2)}.pt").exists()
+    state = tmp_path / f"{run_name(2)}.resume.pt"
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2, f"--resume={state}"))
+    assert trained(tmp_path, 2)[1]["epoch"] == [1, 2]
+    assert (tmp_path / f"MSE_vs_Epochs_{run_name(2)}.png").exists()
