@@ -7,16 +7,16 @@ on each noisy draw, scores the adapted network (kept or not) and the trained one
 and counts the draws that each rule keeps: the current one and the one before 2026-12-05 (both checks had to
 show a gain, for any noise). Scored on the validation split (and its resampled and other-contrast versions,
 as benchmark_denoisers.py makes them from the test split), so a rule can be chosen without the test slices.
-Writes denoising_examples/benchmark_adaptation_guard.json and the table into README.md.
+Writes denoising_examples/benchmark_adaptation_guard.json, and the table into README.md with --update_readme=true.
 
     python scripts/benchmark_adaptation_guard.py [--model_path=a.pt] [--n_draws=4]"""
 import numpy as np
 
 from benchmark_denoisers import TEST_SPLIT_CHANGES, noisy_versions, ood_clean_slices
 from common import (DEFAULT_MODEL, MAX_NOISE_SIGMA, InputError, adapt_to_slices, apply_overrides, check_file_exists,
-                    check_output_path, denoise_adapted, denoise_slices, estimate_noise_sigma, keep_freed_memory,
-                    keeps_adaptation, load_checkpoint, mean_psnr_in_mask, network_name, remove_rician_floor, run_main,
-                    save_json, unique_clean_slices, use_bfloat16, write_into_readme)
+                    check_output_path, check_seed, denoise_adapted, denoise_slices, estimate_noise_sigma,
+                    keep_freed_memory, keeps_adaptation, load_checkpoint, mean_psnr_in_mask, network_name,
+                    remove_rician_floor, run_main, save_json, unique_clean_slices, use_bfloat16, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --n_draws=8
 dataset_path = "data/mri_denoising.npz"
@@ -113,6 +113,7 @@ def main():
         check_case(case)
     check_file_exists(model_path, "checkpoint")
     check_output_path(results_path)
+    check_seed(seed)
     import torch
     model, _ = load_checkpoint(model_path)
     bfloat16 = use_bfloat16(precision, torch.device("cpu"))

@@ -3,7 +3,7 @@
 For every noise sigma, each clean test slice gets fresh synthetic noise (seeded); the Gaussian filter's
 width and non-local means' strength are tuned on validation slices; BM3D is given the true sigma;
 networks with a noise-level input get the sigma estimated from the noisy slices, as users get it.
-Writes a JSON and a markdown table (also into README.md between the benchmark markers), a comparison
+Writes a JSON and a markdown table (into README.md too with --update_readme=true), a comparison
 figure in denoising_examples/ and plots/psnr_vs_sigma_*.png (examples_dir and plots_dir)."""
 import os
 import time
@@ -15,7 +15,7 @@ from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 
 from common import (BUNDLED_SCAN, DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_bm3d_fits,
-                    check_file_exists, check_output_path, check_self_ensemble, denoise_slices,
+                    check_file_exists, check_output_path, check_seed, check_self_ensemble, denoise_slices,
                     denoise_with_adaptation, denormalise, estimate_noise_sigma, foreground_mask, image_metrics,
                     keep_freed_memory, keeps_rician_floor, load_checkpoint, mean_psnr_in_mask, network_name,
                     normalise, percentile_range, remove_rician_floor, run_main, save_figure, save_json,
@@ -227,11 +227,32 @@ def scan_volumes(name):
     if volumes.min() == volumes.max():
         raise InputError(f"{path} is constant: nothing to denoise")
     check_bm3d_fits(volumes.shape[:2], path)
-    return path, volumes if volumes.ndim == 4 else volumes[..., None]
+    return path, volumes
+
+
+def check_bm3d_fits_every_set(test_shape):
+    """The test slices, and the resampled ones among ood_scans, before minutes of BM3D on the others."""
+    check_bm3d_fits(test_shape, dataset_path)
+    for name in ood_scans:
+        factor = TEST_SPLIT_CHANGES.get(name.split(":", 1)[1]) if name.startswith("test_split:") else None
+        if factor:
+            check_bm3d_fits([round(side * factor) for side in test_shape], name)  # ndimage.zoom's output size
+
+
+def run_tag(model_noise):
+    return f"{results_name}_{model_noise}" + ("_val" if split == "val" else "")
+
+
+def output_paths(tag):
+    """Where a run's JSON, PSNR-over-sigma plot and comparison figure go."""
+    return {"json": os.path.join(examples_dir, f"benchmark{tag}.json"),
+            "plot": os.path.join(plots_dir, f"psnr_vs_sigma{tag}.png"),
+            "comparison": os.path.join(examples_dir, f"comparison{tag}.png")}
 
 
 def check_settings():
     """Every setting checked before minutes of BM3D, and every scan named found and readable."""
+    check_seed(seed)
     if split not in ("test", "val"):
         raise InputError(f"split={split!r}; expected 'test' or 'val'")
     if main_sigma not in sigmas:
@@ -247,8 +268,9 @@ def check_settings():
             scan_volumes(name)
     for name in tsnr_scans:
         real_series_slices(name)
-    for folder in (examples_dir, plots_dir):
-        check_output_path(os.path.join(folder, "benchmark.json"))
+    for model_noise in [noise_model] if noise_model else ["gaussian", "rician"]:  # the dataset's is read later
+        for path in output_paths(run_tag(model_noise)).values():
+            check_output_path(path)
 
 
 def ood_clean_slices(name, bundled_test, min_foreground_fraction):
@@ -263,7 +285,8 @@ def ood_clean_slices(name, bundled_test, min_foreground_fraction):
         clean = np.stack([np.maximum(ndimage.zoom(c, factor, order=3), 0) for c in bundled_test["clean"]])
         masks = np.stack([ndimage.zoom(m.astype(np.float32), factor, order=1) > 0.5 for m in bundled_test["mask"]])
         return clean.astype(np.float32), masks
-    _, volumes = scan_volumes(name)  # every volume, as the tool denoises them
+    _, volumes = scan_volumes(name)
+    volumes = volumes if volumes.ndim == 4 else volumes[..., None]  # every volume, as the tool denoises them
     volumes = normalise(volumes, *percentile_range(volumes))  # as the tool and make_dataset scale a scan
     head = foreground_mask(volumes.mean(axis=3))
     keep = [z for z in range(head.shape[2]) if head[:, :, z].mean() >= min_foreground_fraction]
@@ -276,7 +299,7 @@ def real_series_slices(name):
     """A real 4D series (no synthetic noise), normalised: its slices (z * t, X, Y), its shape, head mask and
     normalisation range."""
     path, series = scan_volumes(name)
-    if series.shape[3] < 3:
+    if series.ndim != 4 or series.shape[3] < 3:
         raise InputError(f"{path}: tsnr_scans need a 4D series of 3 or more volumes, this has shape {series.shape}")
     low, high = percentile_range(series)
     series = normalise(series, low, high)  # clipping would flatten the brightest voxels' time course
@@ -462,11 +485,7 @@ def main():
     keep_freed_memory()
     test_clean, test_masks, test_positions, dataset_settings = unique_clean_slices(dataset_path, split)
     val_clean, val_masks, _, _ = unique_clean_slices(dataset_path, "val")
-    check_bm3d_fits(test_clean.shape[1:], dataset_path)
-    for name in ood_scans:  # the zoomed test slices too, before minutes of BM3D on the others
-        factor = TEST_SPLIT_CHANGES.get(name.split(":", 1)[1]) if name.startswith("test_split:") else None
-        if factor:
-            check_bm3d_fits([round(side * factor) for side in test_clean.shape[1:]], name)
+    check_bm3d_fits_every_set(test_clean.shape[1:])
     pick = np.linspace(0, len(val_clean) - 1, min(n_tuning_slices, len(val_clean))).astype(int)
     test = {"clean": test_clean, "mask": test_masks}
     val = {"clean": val_clean[pick], "mask": val_masks[pick]}
@@ -515,7 +534,7 @@ def main():
                    for method_name, method in methods.items() if method_name not in repeats}
         tsnr_rows[name] = {"median_tsnr": medians, "shape": list(shape), "estimated_sigma": estimated}
         print(f"{name} tSNR: " + ", ".join(f"{k.split(' (')[0]} {v:.1f}" for k, v in medians.items()), flush=True)
-    tag = f"{results_name}_{model_noise}" + ("_val" if split == "val" else "")
+    tag = run_tag(model_noise)
     rows, outputs, data = main_outputs
     results = {"dataset": dataset_path, "noise_model": model_noise, "split": split, "n_slices": len(data[0]),
                "main_sigma": main_sigma, "sweep": {str(s): r for s, r in sweep.items()}, "ood": ood_rows, "tsnr": tsnr_rows,
@@ -528,11 +547,12 @@ def main():
                "adapt_steps": adapt_steps, "adapt_seconds": adapt_seconds, "adapt_loss": adapt_loss,
                "adapt_heldout_fraction": adapt_heldout_fraction,
                "torch_threads": torch.get_num_threads()}
-    paths = [save_json(results, os.path.join(examples_dir, f"benchmark{tag}.json")),
-             save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, {split} slices"),
-                         os.path.join(plots_dir, f"psnr_vs_sigma{tag}.png")),
-             save_figure(plot_comparison(outputs, data, rows, f"{model_noise} noise, sigma {main_sigma}, a {split} slice"),
-                         os.path.join(examples_dir, f"comparison{tag}.png"), dpi=90)]
+    destinations = output_paths(tag)
+    paths = [save_json(results, destinations["json"]),
+             save_figure(plot_psnr_vs_sigma(sweep, f"{model_noise} noise, {split} slices"), destinations["plot"]),
+             save_figure(plot_comparison(outputs, data, rows,
+                                         f"{model_noise} noise, sigma {main_sigma}, a {split} slice"),
+                         destinations["comparison"], dpi=90)]
     markdown = markdown_table(rows, main_sigma, model_noise, len(data[0]), tuned[main_sigma], bfloat16)
     if len(sweep) > 1:
         markdown += "\n\n" + sweep_table(sweep)

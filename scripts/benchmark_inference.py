@@ -6,7 +6,8 @@ child process, and measures that process's wall time and peak resident memory (R
 few slices of the same series in the same run, and both are scored against the noise-free phantom there.
 Then times `--adapt_steps` (self-supervised fine-tuning on the input) on a 128x128x10 volume against its
 60-second budget, and scores the result with and without it.
-Writes denoising_examples/benchmark_inference.json and prints a markdown table.
+Writes denoising_examples/benchmark_inference.json and prints a markdown table (into README.md too with
+--update_readme=true).
 
     python scripts/benchmark_inference.py [--model=trained_models/....pt] [--shape=64,64,30,300]"""
 import json
@@ -22,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from common import (DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_bm3d_fits,
-                    check_file_exists, check_output_path, mean_psnr_in_mask, normalise, package_versions,
+                    check_file_exists, check_output_path, check_seed, mean_psnr_in_mask, normalise, package_versions,
                     percentile_range, run_main, save_json, write_into_readme)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
@@ -190,6 +191,7 @@ def main():
                          "a sigma above 0")
     check_file_exists(model_path, "checkpoint (train one with scripts/train_autoencoder.py, or give --model)")
     check_output_path(results_path)
+    check_seed(seed)
     if work_dir and os.path.exists(work_dir) and not os.path.isdir(work_dir):
         raise InputError(f"work_dir={work_dir} is a file; expected a folder")
     load_before = os.getloadavg()[0]

@@ -7,13 +7,13 @@ known: the test split's clean slices get noise of their own (`reference_sigma`) 
 synthetic noise (`noise_sigma`) on top is the input, and every method is scored against both the noisy
 reference (as the T1 is scored) and the clean slices (the truth). BM3D is given the synthetic sigma (as in
 benchmark_denoisers.py) and the total sigma; networks get the sigma estimated from their input.
-Writes denoising_examples/benchmark_noisy_reference.json and the table into README.md.
+Writes denoising_examples/benchmark_noisy_reference.json, and the table into README.md with --update_readme=true.
 
     python scripts/benchmark_noisy_reference.py [--model_paths=a.pt,b.pt] [--reference_sigma=0.045]"""
 import numpy as np
 
 from common import (DEFAULT_MODEL, InputError, add_noise, apply_overrides, bm3d_slices, check_file_exists,
-                    check_output_path, denoise_slices, denoise_with_adaptation, estimate_noise_sigma,
+                    check_output_path, check_seed, denoise_slices, denoise_with_adaptation, estimate_noise_sigma,
                     keep_freed_memory, load_checkpoint, mean_psnr_in_mask, native_bfloat16, network_name,
                     package_versions, pick_device, run_main, save_json, unique_clean_slices, use_bfloat16,
                     write_into_readme)
@@ -64,6 +64,7 @@ def main():
     for path in model_paths:  # before BM3D's minutes, not after
         check_file_exists(path, "checkpoint")
     check_output_path(results_path)
+    check_seed(seed)
     rng = np.random.default_rng(seed)
     clean, masks, _, _ = unique_clean_slices(dataset_path, split)
     reference = add_noise(clean, reference_sigma, "gaussian", rng.standard_normal((2, *clean.shape), dtype=np.float32))

@@ -29,7 +29,7 @@ class InputError(Exception):
 
 
 def check_seed(seed):
-    """numpy's and torch's generators take seeds from 0 up to below 2**63 (torch's limit)."""
+    """Seeds from 0 to 2**63 - 1: numpy takes any, torch up to 2**64 - 1, and DistributedSampler adds the epoch."""
     if not 0 <= seed < 2 ** 63:
         raise InputError(f"seed={seed}; expected a whole number from 0 to 2**63 - 1")
 
@@ -117,8 +117,9 @@ def apply_overrides(settings, argv=None, aliases=None):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise InputError(f"unexpected argument {arg!r}; settings look like --name=value (several files: "
-                             "--input_paths=a.nii.gz,b.nii.gz, or a glob in quotes, which the shell leaves alone)")
+            hint = (" (several files: --input_paths=a.nii.gz,b.nii.gz, or a glob in quotes, which the shell leaves "
+                    "alone)" if "input_paths" in known else "")
+            raise InputError(f"unexpected argument {arg!r}; settings look like --name=value{hint}")
         name, has_value, text = arg[2:].partition("=")
         name = aliases.get(name, name)
         if name not in known:
@@ -1059,14 +1060,15 @@ def mean_psnr_in_mask(clean_slices, estimates, masks):
     return float(np.mean([image_metrics(c, e, m)["psnr_mask"] for c, e, m in zip(clean_slices, estimates, masks)]))
 
 
-MIN_BM3D_SIDE = 9  # pixels: the bm3d package crashes the process (a segmentation fault) on 8x8 slices
+MIN_BM3D_SIDE = 8  # pixels: the bm3d package refuses slices narrower than its 8x8 blocks, and crashes the process
+                   # (a segmentation fault) on exactly 8x8; 8x9 and 9x8 work
 
 
 def check_bm3d_fits(shape, what):
     """The benchmarks' refusal of slices BM3D cannot take, before any work."""
-    if min(shape) < MIN_BM3D_SIDE:
-        raise InputError(f"{what}: slices of {shape[0]}x{shape[1]} pixels; BM3D needs at least "
-                         f"{MIN_BM3D_SIDE}x{MIN_BM3D_SIDE}")
+    if min(shape) < MIN_BM3D_SIDE or tuple(shape) == (MIN_BM3D_SIDE, MIN_BM3D_SIDE):
+        raise InputError(f"{what}: slices of {shape[0]}x{shape[1]} pixels; BM3D needs at least {MIN_BM3D_SIDE} a side "
+                         f"and more than {MIN_BM3D_SIDE}x{MIN_BM3D_SIDE}")
 
 
 def bm3d_slices(noisy_slices, sigma):

@@ -22,7 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from common import (MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, atomic_write, check_file_exists,
-                    check_seed, check_output_path, denoise_slices, keep_freed_memory, load_dataset, native_bfloat16,
+                    check_output_path, check_seed, denoise_slices, keep_freed_memory, load_dataset, native_bfloat16,
                     neighbor2neighbor_loss, package_versions, pick_device, plot_denoising_grid, recorrupt, run_main,
                     save_figure, unpadded, usable_cores)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
@@ -544,9 +544,12 @@ def main():
     if os.path.exists(output_paths["model"]) and not overwrite:
         raise InputError(f"{output_paths['model']} exists (a shipped or earlier network); choose another --output_tag "
                          "or --models_dir, or pass --overwrite to replace it")
-    if os.path.exists(resume_path) and not overwrite and not (resume and os.path.samefile(resume, resume_path)):
-        raise InputError(f"{resume_path} holds the state of an earlier run of this name, which this run would replace; "
-                         f"continue it with --resume={resume_path}, or pass --overwrite to start again")
+    # an unfinished run's state (no model beside it) is never replaced by a run that does not continue it, not even
+    # with --overwrite, which the README's long commands pass to replace the shipped models
+    unfinished = os.path.exists(resume_path) and not os.path.exists(output_paths["model"])
+    if unfinished and not (resume and os.path.samefile(resume, resume_path)):
+        raise InputError(f"{resume_path} holds the state of an unfinished run of this name, which this run would "
+                         f"replace; continue it with --resume={resume_path}, or delete it to start again")
     if rank == 0:
         print(f"{arch} ({count_parameters(model):,} parameters) on {device} x{world_size}, "
               f"{n_train} training and {len(val['rows'])} validation images, "
@@ -571,8 +574,10 @@ def main():
                 stopped = True
                 break
             if not math.isfinite(train_mse):  # nothing is saved: the last resumable state is from before
+                saved = (f" (and delete {resume_path}, its state before diverging, to start again)"
+                         if os.path.exists(resume_path) else "")
                 raise InputError(f"training diverged: the training loss is {train_mse} in epoch {epoch + 1}; "
-                                 f"try a smaller learning_rate than {learning_rate:g}")
+                                 f"try a smaller learning_rate than {learning_rate:g}{saved}")
             history["epoch"].append(epoch + 1)
             history["train_mse"].append(train_mse)
             if rank == 0 and ((epoch + 1) % val_every == 0 or epoch + 1 == n_epochs):

@@ -170,9 +170,13 @@ SHIPPED = os.path.join(REPO, DEFAULT_MODEL)
     # scans that failed only after the main sweep, with a traceback (or, 8x8 slices, BM3D's segmentation fault)
     ("benchmark_denoisers", ["--ood_scans=flat.nii.gz"], "flat.nii.gz has shape (12, 12); expected a 3D or 4D scan"),
     ("benchmark_denoisers", ["--ood_scans=nan.nii.gz"], "nan.nii.gz contains 1 NaN or Inf values"),
-    ("benchmark_denoisers", ["--ood_scans=small.nii.gz"], "small.nii.gz: slices of 8x8 pixels; BM3D needs at least 9x9"),
+    ("benchmark_denoisers", ["--ood_scans=small.nii.gz"], "small.nii.gz: slices of 8x8 pixels; BM3D needs"),
     ("benchmark_denoisers", ["--tsnr_scans=small.nii.gz"], "small.nii.gz: slices of 8x8 pixels"),
-    ("benchmark_inference", ["--shape=8,8,2,2"], "shape=[8, 8, 2, 2]: slices of 8x8 pixels; BM3D needs at least 9x9"),
+    ("benchmark_inference", ["--shape=8,8,2,2"], "shape=[8, 8, 2, 2]: slices of 8x8 pixels; BM3D needs at least 8"),
+    ("benchmark_denoisers", ["--tsnr_scans=volume.nii.gz"], "need a 4D series of 3 or more volumes, this has shape "
+                                                            "(12, 12, 3)"),
+    ("benchmark_denoisers", ["--examples_dir=notes.txt"], "notes.txt is a file, not a folder"),
+    ("benchmark_denoisers", ["--seed=-1"], "seed=-1"),
     ("benchmark_noisy_reference", ["--results_path=notes", f"--model_paths={SHIPPED}"], "notes is a folder"),
     ("benchmark_adaptation_guard", ["--results_path=notes", f"--model_path={SHIPPED}"], "notes is a folder"),
     ("benchmark_inference", ["--work_dir=notes.txt", f"--model={SHIPPED}"], "work_dir=notes.txt is a file"),
@@ -182,7 +186,7 @@ def test_bad_benchmark_settings_are_one_line_before_any_work(tmp_path, script, o
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "notes").mkdir()
     rng = np.random.default_rng(0)
-    for name, shape in (("flat", (12, 12)), ("nan", (12, 12, 3)), ("small", (8, 8, 3, 4))):
+    for name, shape in (("flat", (12, 12)), ("nan", (12, 12, 3)), ("small", (8, 8, 3, 4)), ("volume", (12, 12, 3))):
         voxels = rng.random(shape).astype(np.float32)
         voxels.flat[0] = np.nan if name == "nan" else voxels.flat[0]
         nib.save(nib.Nifti1Image(voxels, np.eye(4)), tmp_path / f"{name}.nii.gz")
@@ -190,3 +194,14 @@ def test_bad_benchmark_settings_are_one_line_before_any_work(tmp_path, script, o
     result = run_script(script, *overrides, check=False, cwd=tmp_path)
     assert_one_line_error(result, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_test_slices_that_would_resample_too_small_for_bm3d_are_refused_before_any_work(tmp_path):
+    """test_split:coarse halves the slices: 16x16 test slices would reach BM3D as 8x8, which crashes the process."""
+    scan = write_nifti(tmp_path / "small.nii.gz", phantom_volume((16, 16, 8, 3)))
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={tmp_path / 'small.npz'}", "--target_n_images=1")
+    result = run_script("benchmark_denoisers", f"--dataset_path={tmp_path / 'small.npz'}", f"--model_paths={SHIPPED}",
+                        "--ood_scans=test_split:coarse", "--tsnr_scans=", f"--examples_dir={tmp_path}",
+                        f"--plots_dir={tmp_path}", check=False, cwd=tmp_path)
+    assert_one_line_error(result, "test_split:coarse: slices of 8x8 pixels")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.nii.gz", "small.npz"]

@@ -20,7 +20,7 @@ def test_a_tiny_inference_benchmark_measures_time_memory_and_adaptation(tmp_path
     (work_dir / "series.nii.gz").write_text("the user's own file")
     result = run_script("benchmark_inference", f"--model={model}", "--shape=24,20,3,4", "--adapt_shape=24,24,3",
                         "--adapt_steps=2", "--n_bm3d_slices=2", f"--results_path={results_path}",
-                        "--update_readme=false", "--precision=float32", f"--work_dir={work_dir}", cwd=tmp_path)
+                        "--precision=float32", f"--work_dir={work_dir}", cwd=tmp_path)
     assert (work_dir / "series.nii.gz").read_text() == "the user's own file"  # the run's files go in a new folder
     (kept,) = work_dir.glob("benchmark_inference_*")
     assert (kept / "series.nii.gz").stat().st_size > 0 and (kept / "denoised.nii.gz").stat().st_size > 0
@@ -33,4 +33,4 @@ def test_a_tiny_inference_benchmark_measures_time_memory_and_adaptation(tmp_path
     assert adaptation["tool_said"].startswith("adaptation: 2 steps")
     assert adaptation["psnr_mask_without"] > 0 and adaptation["psnr_mask_with"] > 0
     assert "--adapt_steps=2" in result.stdout
-    assert (tmp_path / "README.md").read_text() == readme  # --update_readme=false
+    assert (tmp_path / "README.md").read_text() == readme  # only --update_readme=true writes the measured tables

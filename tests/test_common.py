@@ -361,8 +361,10 @@ def test_ctrl_c_or_a_time_limit_is_one_line_and_exit_code_130(stop):
     from conftest import SCRIPTS
     code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from common import run_main\n"
             "def main():\n    print('ready', flush=True); time.sleep(60)\nrun_main(main)")
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps that: as under
+    # `nohup make test &`, where this test hung; the child gets the default, as a terminal gives it
     process = subprocess.Popen([sys.executable, "-c", code, SCRIPTS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout.readline().strip() == "ready"
     process.send_signal(getattr(signal, stop))
     _, stderr = process.communicate(timeout=30)

@@ -211,10 +211,12 @@ def test_a_run_does_not_replace_the_resume_state_of_an_earlier_one_it_does_not_c
     with pytest.raises(InputError) as error:
         run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2))
     message = str(error.value)
-    assert f"{state} holds the state of an earlier run" in message and f"--resume={state}" in message
+    assert f"{state} holds the state of an unfinished run" in message and f"--resume={state}" in message
+    with pytest.raises(InputError, match="unfinished run"):  # --overwrite replaces models, not unfinished runs
+        run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2, "--overwrite"))
     assert state.read_bytes() == saved
     run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2, f"--resume={state}"))  # continues it
-    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2, "--overwrite"))  # starts again
+    run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2, "--overwrite"))  # finished: replaced
 
 
 def test_resuming_on_a_dataset_split_otherwise_is_refused(tiny_dataset, uninterrupted, tmp_path):
@@ -245,3 +247,4 @@ def test_a_run_stopped_while_writing_its_outputs_writes_no_model_and_resumes_to_
     run_in_process(train_autoencoder, *train_args(tmp_path, tiny_dataset, 2, f"--resume={state}"))
     assert trained(tmp_path, 2)[1]["epoch"] == [1, 2]
     assert (tmp_path / f"MSE_vs_Epochs_{run_name(2)}.png").exists()
+    assert (tmp_path / f"denoising_5x3_{run_name(2)}.png").exists()
