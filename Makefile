@@ -14,6 +14,7 @@ $(VENV)/installed: requirements.txt
 # of the shipped default network and of the one just trained
 demo: $(VENV)/installed
 	$(PY) scripts/make_dataset.py
+	rm -f trained_models/autoencoder_seed_demo_10epochs_672images.resume.pt  # a stopped demo starts afresh
 	$(PY) scripts/train_autoencoder.py --n_epochs=10 --output_tag=_demo --overwrite
 	$(PY) scripts/use_trained_autoencoder.py
 	$(PY) scripts/use_trained_autoencoder.py --model=trained_models/autoencoder_seed_demo_10epochs_672images.pt

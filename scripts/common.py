@@ -1,6 +1,7 @@
 """What every script needs: command-line overrides, checked NIfTI reading and atomic writing,
 intensity normalisation, synthetic noise, foreground masks and image-quality metrics."""
 import gzip
+import hashlib
 import importlib.resources
 import json
 import math
@@ -355,6 +356,24 @@ def save_figure(figure, path, dpi=110):
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, bbox_inches="tight"))
     plt.close(figure)
     return path
+
+
+def file_sha256(path, chunk_bytes=16 * 2**20):
+    """The SHA-256 of a file's bytes: which scan a dataset was made from, wherever it lies."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def scan_identities(*datasets_settings):
+    """One name per input scan of each dataset's settings, equal for the same scan: its file's SHA-256 when every
+    dataset recorded it (make_dataset since 2026-12-05), else its file name (subject folders often hold scans of one
+    name, and the hash tells them apart; the file name survives a move to another machine, the path does not)."""
+    by_hash = all("input_sha256" in settings for settings in datasets_settings)
+    return [settings["input_sha256"] if by_hash else
+            [os.path.basename(path) for path in settings.get("input_paths", [])] for settings in datasets_settings]
 
 
 def package_versions():

@@ -8,8 +8,8 @@ import tempfile
 import numpy as np
 
 from common import (BUNDLED_SCAN, MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, check_output_path,
-                    check_seed, estimate_noise_sigma, foreground_mask, is_magnitude_image, load_nifti, normalise,
-                    package_versions, percentile_range, run_main, save_npz)
+                    check_seed, estimate_noise_sigma, file_sha256, foreground_mask, is_magnitude_image, load_nifti,
+                    normalise, package_versions, percentile_range, run_main, save_npz)
 
 # --- settings: edit here, or override on the command line: --noise_sigma=0.09 --input_paths=a.nii.gz,b.nii.gz
 input_paths = [BUNDLED_SCAN]      # 3D or 4D NIfTI files; globs ("scans/*.nii.gz") are expanded
@@ -257,7 +257,8 @@ def main():
     n_clean = sum(len(s["positions"]) * s["n_time"] for s in scans)
     # without noise every realisation would be the same image
     n_realisations = max(1, round(target_n_images / n_clean)) if noise_sigma > 0 else 1
-    settings.update(input_paths=paths, n_noise_realisations=n_realisations, versions=package_versions())
+    settings.update(input_paths=paths, input_sha256=[file_sha256(path) for path in paths],
+                    n_noise_realisations=n_realisations, versions=package_versions())
     if noise_sigma == 0:  # a real series: its own noise is the noise, and a network with a noise-level input is told it
         settings["own_noise_sigma"] = float(np.median([s["own_noise_sigma"] for s in scans]))
     extra_arrays = {"scan_paths": np.array(paths),

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from common import (MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, atomic_write, check_file_exists,
                     check_output_path, check_seed, denoise_slices, keep_freed_memory, load_dataset, native_bfloat16,
                     neighbor2neighbor_loss, package_versions, pick_device, plot_denoising_grid, recorrupt, run_main,
-                    save_figure, unpadded, usable_cores)
+                    save_figure, scan_identities, unpadded, usable_cores)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
 
 # --- settings: edit here, or override on the command line: --n_epochs=100 --arch=unet
@@ -165,9 +165,10 @@ def training_rows(arrays):
 
 
 def training_positions(arrays, rows, dataset_settings):
-    """Sorted [scan file name, slice position] of the training images: a resumed run must train on the same ones,
-    or the evaluation's check for test positions seen in training would miss those of the first dataset."""
-    names = [os.path.basename(path) for path in dataset_settings.get("input_paths", [])]
+    """Sorted [scan (common.scan_identities), slice position] of the training images: a resumed run must train on
+    the same ones, or the evaluation's check for test positions seen in training would miss those of the first
+    dataset."""
+    names = scan_identities(dataset_settings)[0]
     pairs = {(names[scan] if scan < len(names) else str(scan), int(position))
              for scan, position in zip(arrays["scan_index"][rows].tolist(), arrays["slice_index"][rows].tolist())}
     return [list(pair) for pair in sorted(pairs)]
@@ -464,7 +465,9 @@ def command_to_resume(resume_path):
     """This run's command line with --resume=resume_path in place of any --resume it had."""
     args = sys.argv[1:]
     kept = [a for i, a in enumerate(args) if not a.startswith("--resume") and not (i and args[i - 1] == "--resume")]
-    return shlex.join(["python", sys.argv[0], *kept, f"--resume={resume_path}"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's own options are not seen here: the usual ones
+    launcher = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
+    return shlex.join([*launcher, sys.argv[0], *kept, f"--resume={resume_path}"])
 
 
 def stop_and_say_how_to_resume(state, resume_path, rank):

@@ -19,11 +19,11 @@ from common import (ADAPTATION_LOSSES, DEFAULT_MODEL, MAX_NOISE_SIGMA, InputErro
                     denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics, is_magnitude_image,
                     keep_freed_memory, keeps_rician_floor, load_checkpoint, load_dataset, load_nifti, normalise,
                     percentile_range, plot_denoising_grid, remove_rician_floor, run_main, save_figure, save_json,
-                    summarise_metrics, tsnr_map, usable_cores, use_bfloat16)
+                    scan_identities, summarise_metrics, tsnr_map, usable_cores, use_bfloat16)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = DEFAULT_MODEL        # common.py names the shipped default, for every script
-dataset_path = "data/mri_denoising.npz"   # evaluation mode: its test split
+dataset_path = "data/mri_denoising.npz"   # evaluation mode: its test split (outputs of another are named after it)
 examples_dir = "denoising_examples"
 input_path = ""          # a 3D or 4D NIfTI to denoise (--input); empty = evaluation mode
 output_path = ""         # where the denoised NIfTI goes (--output)
@@ -50,6 +50,7 @@ precision = "auto"       # "auto": the convolutions in bfloat16 on a CPU that co
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATASET_NAME = "mri_denoising"  # make_dataset.py's output: evaluations on it keep the model's name alone
 OUTLIER_RANGE = (-1.0, 3.0)  # on the [0, 1] scale of the 1st-99th percentiles: beyond it a voxel is no tissue
 MASKED_FRACTION = 0.1    # a scan with at least this share of masked_background has one
 THICK_AXIS_RATIO = 2.0   # voxels this much thicker along another axis than along --axis get a note
@@ -72,16 +73,17 @@ def load_test_split(path):
 
 
 def trained_on_test_slices(metadata, test, dataset_settings):
-    """Sorted (scan file name, slice position) of the test slices that the network was trained on: a scan of the
-    same file name among its training scans, at one of its training positions (a dataset made with another seed
-    or slice range splits the same scan differently). Their scores are not held out."""
+    """Sorted (scan file name, slice position) of the test slices that the network was trained on: the same scan
+    (common.scan_identities) among its training scans, at one of its training positions (a dataset made with
+    another seed or slice range splits the same scan differently). Their scores are not held out."""
     trained_settings = metadata.get("dataset_settings", {})
-    trained_scans = {os.path.basename(path) for index, path in enumerate(trained_settings.get("input_paths", []))
-                     if index in metadata.get("split_scans", {}).get("train", [])}
+    trained_ids, test_ids = scan_identities(trained_settings, dataset_settings)
+    trained_scans = {trained_ids[index] for index in metadata.get("split_scans", {}).get("train", [])
+                     if index < len(trained_ids)}
     trained_positions = set(metadata.get("split", {}).get("train", []))
-    test_scans = [os.path.basename(path) for path in dataset_settings["input_paths"]]
-    return sorted({(test_scans[scan], int(z)) for scan, z in zip(test["scan_index"], test["slice_index"])
-                   if test_scans[scan] in trained_scans and z in trained_positions})
+    names = [os.path.basename(path) for path in dataset_settings["input_paths"]]
+    return sorted({(names[scan], int(z)) for scan, z in zip(test["scan_index"], test["slice_index"])
+                   if test_ids[scan] in trained_scans and z in trained_positions})
 
 
 def removes_rician_floor(metadata):
@@ -89,13 +91,32 @@ def removes_rician_floor(metadata):
     return rician_floor and keeps_rician_floor(metadata)
 
 
+def evaluation_paths():
+    """Where the metrics and the two grids go: named after the model, and after the dataset unless it is the
+    default one, so that scoring on another dataset does not replace the default's files."""
+    name = os.path.splitext(os.path.basename(model_path))[0] + ("_self_ensemble" if self_ensemble else "")
+    dataset_name = os.path.splitext(os.path.basename(dataset_path))[0]
+    name += "" if dataset_name == DEFAULT_DATASET_NAME else f"_on_{dataset_name}"
+    grids = {(n_rows, 3): os.path.join(examples_dir, f"denoising_{n_rows}x3_{name}_test.png") for n_rows in (2, 5)}
+    return name, {"metrics": os.path.join(examples_dir, f"metrics_{name}.json"), **grids}
+
+
 def evaluate_on_test_split(model, metadata, bfloat16):
+    name, outputs = evaluation_paths()
+    for path in outputs.values():  # before the work, not after it
+        check_output_path(path)
     test, dataset_settings = load_test_split(dataset_path)
     dataset_sigma = float(dataset_settings["noise_sigma"])
-    if dataset_sigma == 0:
-        raise InputError(f"{dataset_path} holds no added noise (made with noise_sigma=0), so its test slices are their "
-                         "own reference and PSNR cannot be measured; denoise the scan with --input_path (and "
-                         "--report for a 4D series' temporal SNR), or make a dataset with noise to score on")
+    if dataset_sigma == 0 or np.array_equal(test["noisy"], test["clean"]):
+        raise InputError(f"{dataset_path} holds no added noise on its test slices (made with noise_sigma="
+                         f"{dataset_sigma:g}), so they are their own reference and PSNR cannot be measured; denoise "
+                         "the scan with --input_path (and --report for a 4D series' temporal SNR), or make a dataset "
+                         "with noise to score on")
+    sigma_low, sigma_high = trained_sigma_range(metadata)
+    if not sigma_low <= dataset_sigma <= sigma_high:
+        print(f"warning: {dataset_path} holds noise of sigma {dataset_sigma:g}, outside what "
+              f"{os.path.basename(model_path)} was trained for ({metadata['noise_sigma_range'][0]:g}-"
+              f"{metadata['noise_sigma_range'][1]:g}); expect under- or over-smoothing")
     leaked = trained_on_test_slices(metadata, test, dataset_settings)
     if leaked:
         shown = ", ".join(f"{scan} {z}" for scan, z in leaked[:6]) + (", ..." if len(leaked) > 6 else "")
@@ -120,13 +141,12 @@ def evaluate_on_test_split(model, metadata, bfloat16):
                "rician_floor_removed": floor_removed,
                "precision": "bfloat16" if bfloat16 else "float32", "seconds_per_slice": seconds_per_slice,
                "noisy": summarise_metrics(noisy_metrics), "denoised": summarise_metrics(denoised_metrics)}
-    name = os.path.splitext(os.path.basename(model_path))[0] + ("_self_ensemble" if self_ensemble else "")
-    paths = [save_json(results, os.path.join(examples_dir, f"metrics_{name}.json"))]
+    paths = [save_json(results, outputs["metrics"])]
     for n_rows, n_columns in ((2, 3), (5, 3)):
         rows = np.linspace(0, len(denoised) - 1, n_rows).astype(int)
         figure = plot_denoising_grid(test["noisy"][rows], denoised[rows], test["clean"][rows], test["mask"][rows],
                                      f"{name}: test slices")
-        paths.append(save_figure(figure, os.path.join(examples_dir, f"denoising_{n_rows}x{n_columns}_{name}_test.png")))
+        paths.append(save_figure(figure, outputs[(n_rows, n_columns)]))
     for kind in ("noisy", "denoised"):
         m = results[kind]
         print(f"{kind:>9}: PSNR {m['psnr_mask']['mean']:.2f} +- {m['psnr_mask']['std']:.2f} dB, "
@@ -254,7 +274,7 @@ def adapt_model(model, view, low, high, sigma, magnitude):
     print(f"adaptation: {info['steps']} steps in {info['seconds']:.0f} s (and {info['check_seconds']:.0f} s of "
           f"checks), held-out self-supervised error "
           f"{info['heldout_error_before']:.2e} -> {info['heldout_error_before'] - info['heldout_gain']:.2e} "
-          f"({info['heldout_gain_z']:.1f} standard errors lower, {needed}; recorrupted check "
+          f"(a gain of {info['heldout_gain_z']:+.1f} standard errors, {needed}; recorrupted check "
           f"{info['recorrupted_gain_z']:.1f}, more than 2 needed; checked in the object: "
           f"{100 * info['object_fraction']:.0f}% of the pixels); {verdict}")
     return adapted, info["object_threshold"]
@@ -485,18 +505,18 @@ def check_settings_need_input(defaults):
                          "the network on the test split of --dataset_path")
 
 
-def repo_checkpoint(path):
-    """The checkpoint as given or, for a relative path that is not there, the repo's own copy: the default
-    model works from any folder."""
+def repo_file(path):
+    """The file as given or, for a relative path that is not there, the repo's own copy: the default model and
+    dataset work from any folder."""
     in_repo = os.path.join(REPO, path)
     return in_repo if not os.path.isabs(path) and not os.path.exists(path) and os.path.isfile(in_repo) else path
 
 
 def main():
-    global model_path
+    global model_path, dataset_path
     defaults = {name: globals()[name] for name in FILE_SETTINGS}
     apply_overrides(globals(), aliases={"model": "model_path", "input": "input_path", "output": "output_path"})
-    model_path = repo_checkpoint(model_path)
+    model_path, dataset_path = repo_file(model_path), repo_file(dataset_path)
     check_settings_need_input(defaults)
     if "OMP_NUM_THREADS" not in os.environ:  # a limit the user set wins
         torch.set_num_threads(usable_cores())

@@ -248,3 +248,13 @@ def test_a_run_stopped_while_writing_its_outputs_writes_no_model_and_resumes_to_
     assert trained(tmp_path, 2)[1]["epoch"] == [1, 2]
     assert (tmp_path / f"MSE_vs_Epochs_{run_name(2)}.png").exists()
     assert (tmp_path / f"denoising_5x3_{run_name(2)}.png").exists()
+
+
+def test_the_command_to_resume_uses_the_launcher_of_the_run(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["scripts/train_autoencoder.py", "--n_epochs=9", "--resume=old.resume.pt"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train_autoencoder.command_to_resume("a.resume.pt") == \
+        "python scripts/train_autoencoder.py --n_epochs=9 --resume=a.resume.pt"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    assert train_autoencoder.command_to_resume("a.resume.pt").startswith(
+        "torchrun --standalone --nproc_per_node=2 scripts/train_autoencoder.py --n_epochs=9 ")

@@ -48,11 +48,12 @@ def test_evaluation_writes_metrics_and_figures(trained, tmp_path):
     model, dataset = trained
     run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
                f"--examples_dir={tmp_path}")
-    metrics = json.loads((tmp_path / f"metrics_{model.stem}.json").read_text())
+    name = f"{model.stem}_on_dataset"  # not the default dataset: its files keep the default's name for it
+    metrics = json.loads((tmp_path / f"metrics_{name}.json").read_text())
     assert metrics["n_test_slices"] > 0 and metrics["noise_sigma"] == SIGMA
     assert metrics["denoised"]["psnr_mask"]["mean"] > metrics["noisy"]["psnr_mask"]["mean"]
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"denoising_2x3_{model.stem}_test.png",
-                                                              f"denoising_5x3_{model.stem}_test.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"denoising_2x3_{name}_test.png",
+                                                              f"denoising_5x3_{name}_test.png"]
 
 
 def test_evaluation_warns_when_the_network_was_trained_on_test_positions(trained, tmp_path):
@@ -67,9 +68,56 @@ def test_evaluation_warns_when_the_network_was_trained_on_test_positions(trained
     result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={resplit}",
                         f"--examples_dir={tmp_path}")
     assert "their scores are not held out" in result.stdout
-    metrics = json.loads((tmp_path / f"metrics_{model.stem}.json").read_text())
+    metrics = json.loads((tmp_path / f"metrics_{model.stem}_on_resplit.json").read_text())
     assert metrics["test_positions_trained_on"] and all(name == "tiny.nii.gz"
                                                         for name, _ in metrics["test_positions_trained_on"])
+    # another scan of the same file name (subject folders) split the same way is no leak: told apart by its bytes
+    (tmp_path / "other").mkdir()
+    other = write_nifti(tmp_path / "other" / "tiny.nii.gz", phantom_volume((40, 36, 12, 3), seed=7))
+    other_split = tmp_path / "other_split.npz"
+    run_script("make_dataset", f"--input_paths={other}", f"--output={other_split}", "--target_n_images=60",
+               f"--noise_sigma={SIGMA}", "--seed=3")
+    result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={other_split}",
+                        f"--examples_dir={tmp_path}")
+    assert "not held out" not in result.stdout
+
+
+def test_evaluation_checks_its_outputs_and_its_dataset_before_any_work(trained, tmp_path):
+    model, dataset = trained
+    (tmp_path / "a_file").write_text("not a folder")
+    result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
+                        f"--examples_dir={tmp_path / 'a_file'}", check=False)
+    assert_one_line_error(result, "a_file is a file, not a folder")
+    # noise too weak to change a float32 voxel: PSNR would be inf (and "Infinity" in the JSON)
+    scan = dataset.parent / "tiny.nii.gz"
+    silent = tmp_path / "silent.npz"
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={silent}", "--noise_sigma=1e-46",
+               "--target_n_images=1")
+    result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={silent}",
+                        f"--examples_dir={tmp_path}", check=False)
+    assert_one_line_error(result, "holds no added noise on its test slices")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "silent.npz"]
+
+
+def test_evaluation_warns_of_noise_outside_what_the_network_was_trained_for(trained, tmp_path):
+    model, dataset = trained
+    scan = dataset.parent / "tiny.nii.gz"
+    strong = tmp_path / "strong.npz"
+    run_script("make_dataset", f"--input_paths={scan}", f"--output={strong}", "--noise_sigma=0.2", "--target_n_images=1")
+    result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={strong}",
+                        f"--examples_dir={tmp_path}")
+    assert f"holds noise of sigma 0.2, outside what {model.name} was trained for (0.06-0.06)" in result.stdout
+
+
+def test_the_default_files_are_found_from_any_folder(tmp_path, monkeypatch):
+    import use_trained_autoencoder
+    monkeypatch.setattr(use_trained_autoencoder, "REPO", str(tmp_path / "repo"))
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    (tmp_path / "repo" / "data" / "mri_denoising.npz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert use_trained_autoencoder.repo_file("data/mri_denoising.npz") == str(tmp_path / "repo" / "data" /
+                                                                              "mri_denoising.npz")
+    assert use_trained_autoencoder.repo_file("data/missing.npz") == "data/missing.npz"  # its error names it as given
 
 
 def test_evaluation_in_float32_and_bfloat16_agree(trained, tmp_path):
@@ -79,7 +127,7 @@ def test_evaluation_in_float32_and_bfloat16_agree(trained, tmp_path):
         result = run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}",
                             f"--examples_dir={tmp_path / precision}", f"--precision={precision}")
         assert f"runs in {precision}" in result.stdout
-        metrics = json.loads((tmp_path / precision / f"metrics_{model.stem}.json").read_text())
+        metrics = json.loads((tmp_path / precision / f"metrics_{model.stem}_on_dataset.json").read_text())
         assert metrics["precision"] == precision
         psnr[precision] = metrics["denoised"]["psnr_mask"]["mean"]
     assert psnr["bfloat16"] == pytest.approx(psnr["float32"], abs=0.05) and psnr["bfloat16"] != psnr["float32"]
@@ -257,7 +305,7 @@ def test_the_self_ensemble_averages_a_network_trained_on_rotated_patches(trained
     assert ", x8 self-ensemble;" in comment and ("adaptation: kept" in comment or "adaptation: discarded" in comment)
     run_script("use_trained_autoencoder", f"--model={model}", f"--dataset_path={dataset}", f"--examples_dir={tmp_path}",
                "--self_ensemble")
-    metrics = json.loads((tmp_path / f"metrics_{model.stem}_self_ensemble.json").read_text())
+    metrics = json.loads((tmp_path / f"metrics_{model.stem}_self_ensemble_on_dataset.json").read_text())
     assert metrics["self_ensemble"] is True and metrics["denoised"]["psnr_mask"]["mean"] > 0
 
 
