@@ -595,6 +595,21 @@ def unpadded(image_shapes, shape):
     return (rows < shapes[:, 0, None, None]) & (columns < shapes[:, 1, None, None])
 
 
+def denoise_at_own_sizes(model, noisy_slices, image_shapes, noise_sigma, **options):
+    """denoise_slices on each slice cut to its own size (image_shape: (n, 2)), so that the zero padding that stacks
+    scans of other sizes in one dataset never reaches the network (it darkened the borders it touched); returned
+    padded again, zeros outside."""
+    shapes = np.asarray(image_shapes)
+    if (shapes == noisy_slices.shape[1:]).all():
+        return denoise_slices(model, noisy_slices, noise_sigma, **options)
+    denoised = np.zeros(noisy_slices.shape, dtype=np.float32)
+    for height, width in np.unique(shapes, axis=0):
+        same = np.flatnonzero((shapes == (height, width)).all(axis=1))
+        denoised[same, :height, :width] = denoise_slices(model, noisy_slices[same, :height, :width], noise_sigma,
+                                                         **options)
+    return denoised
+
+
 def unique_clean_slices(path, split):
     """Distinct clean slices (n, H, W) and masks of one split (the .npz repeats them once per noise draw), and
     the anatomical position of each (n,): one number per scan and slice position, shared by a position's time

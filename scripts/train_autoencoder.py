@@ -22,9 +22,9 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from common import (MAX_NOISE_SIGMA, InputError, add_noise, apply_overrides, atomic_write, check_file_exists,
-                    check_output_path, check_seed, denoise_slices, keep_freed_memory, load_dataset, native_bfloat16,
-                    neighbor2neighbor_loss, package_versions, pick_device, plot_denoising_grid, recorrupt, run_main,
-                    save_figure, scan_identities, unpadded, usable_cores)
+                    check_output_path, check_seed, denoise_at_own_sizes, denoise_slices, keep_freed_memory,
+                    load_dataset, native_bfloat16, neighbor2neighbor_loss, package_versions, pick_device,
+                    plot_denoising_grid, recorrupt, run_main, save_figure, scan_identities, unpadded, usable_cores)
 from models import ARCHITECTURES, CHECKPOINT_FORMAT, build_model, count_parameters, uses_noise_map
 
 # --- settings: edit here, or override on the command line: --n_epochs=100 --arch=unet
@@ -355,8 +355,9 @@ def validation_mse(model, val, noise_sigma, chunk_size=256):
     for start in range(0, len(val["rows"]), chunk_size):
         rows = val["rows"][start:start + chunk_size]
         clean = np.asarray(val["reference"][val["reference_rows"][start:start + chunk_size]])
-        squared = (denoise_slices(model, np.asarray(val["noisy"][rows]), noise_sigma) - clean) ** 2
-        inside = unpadded(val["image_shape"][rows], clean.shape[1:])
+        shapes = val["image_shape"][rows]
+        squared = (denoise_at_own_sizes(model, np.asarray(val["noisy"][rows]), shapes, noise_sigma) - clean) ** 2
+        inside = unpadded(shapes, clean.shape[1:])
         squared_error += float(np.sum(squared if inside.all() else squared[inside], dtype=np.float64))
         n_pixels += int(inside.sum())
     return squared_error / n_pixels

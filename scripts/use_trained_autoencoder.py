@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from common import (ADAPTATION_LOSSES, DEFAULT_MODEL, MAX_NOISE_SIGMA, InputError, adapt_to_slices, apply_overrides,
                     atomic_write, check_file_exists, check_output_path, check_self_ensemble, denoise_adapted,
-                    denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics, is_magnitude_image,
-                    keep_freed_memory, keeps_rician_floor, load_checkpoint, load_dataset, load_nifti, normalise,
-                    percentile_range, plot_denoising_grid, remove_rician_floor, run_main, save_figure, save_json,
-                    scan_identities, summarise_metrics, tsnr_map, usable_cores, use_bfloat16)
+                    denoise_at_own_sizes, denoise_slices, estimate_noise_sigma, foreground_mask, image_metrics,
+                    is_magnitude_image, keep_freed_memory, keeps_rician_floor, load_checkpoint, load_dataset,
+                    load_nifti, normalise, percentile_range, plot_denoising_grid, remove_rician_floor, run_main,
+                    save_figure, save_json, scan_identities, summarise_metrics, tsnr_map, usable_cores, use_bfloat16)
 
 # --- settings: edit here, or override on the command line: --model=trained_models/other.pt
 model_path = DEFAULT_MODEL        # common.py names the shipped default, for every script
@@ -124,8 +124,8 @@ def evaluate_on_test_split(model, metadata, bfloat16):
               f"{dataset_path} ({shown}): their scores are not held out; evaluate on the dataset it was trained "
               "with, or one made with the same seed and slices")
     started = time.perf_counter()
-    denoised = denoise_slices(model, test["noisy"], dataset_sigma, batch_size, self_ensemble=self_ensemble,
-                              bfloat16=bfloat16)
+    denoised = denoise_at_own_sizes(model, test["noisy"], test["image_shape"], dataset_sigma, batch_size=batch_size,
+                                    self_ensemble=self_ensemble, bfloat16=bfloat16)
     floor_removed = dataset_settings["noise_model"] == "rician" and removes_rician_floor(metadata)
     if floor_removed:
         denoised = remove_rician_floor(denoised, dataset_sigma)
@@ -135,9 +135,12 @@ def evaluate_on_test_split(model, metadata, bfloat16):
     noisy_metrics, denoised_metrics = ([image_metrics(c[o], x[o], m[o]) for c, x, m, o in
                                         zip(test["clean"], estimates, test["mask"], own)]
                                        for estimates in (test["noisy"], denoised))
-    results = {"model": model_path, "dataset": dataset_path, "n_test_slices": len(denoised),
+    results = {"model": model_path, "dataset": dataset_path,
+               "n_test_slices": len(denoised),  # noisy slices: each clean one with its noise draws, all scored
+               "n_clean_test_slices": len(np.unique(test["clean"], axis=0)),
                "test_positions_trained_on": [list(pair) for pair in leaked],
-               "noise_sigma": dataset_sigma, "self_ensemble": self_ensemble,
+               "noise_model": dataset_settings["noise_model"], "noise_sigma": dataset_sigma,
+               "sigma_given_to_network": "the dataset's own (true) sigma", "self_ensemble": self_ensemble,
                "rician_floor_removed": floor_removed,
                "precision": "bfloat16" if bfloat16 else "float32", "seconds_per_slice": seconds_per_slice,
                "noisy": summarise_metrics(noisy_metrics), "denoised": summarise_metrics(denoised_metrics)}

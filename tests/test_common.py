@@ -417,3 +417,22 @@ def test_the_example_grid_of_a_series_without_added_noise_names_no_psnr(recwarn)
     figure = plot_denoising_grid(clean, clean * 0.9, clean, ~masks, "title")  # a slice without head: no PSNR
     assert [axis.get_title() for axis in figure.axes][:2] == ["noisy (no head in this slice)",
                                                               "denoised (no head in this slice)"]
+
+
+def test_slices_of_other_sizes_are_denoised_at_their_own_size_not_with_their_zero_padding():
+    import torch
+    from common import denoise_at_own_sizes, denoise_slices
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model("dncnn", {"depth": 3, "width": 8, "noise_map": True}).eval()
+    rng = np.random.default_rng(0)
+    small, large = rng.random((2, 10, 12), dtype=np.float32), rng.random((1, 16, 14), dtype=np.float32)
+    stacked = np.zeros((3, 16, 14), dtype=np.float32)  # as a dataset of two scan sizes stacks them
+    stacked[:2, :10, :12], stacked[2:] = small, large
+    shapes = np.array([[10, 12], [10, 12], [16, 14]])
+    denoised = denoise_at_own_sizes(model, stacked, shapes, 0.06)
+    np.testing.assert_array_equal(denoised[:2, :10, :12], denoise_slices(model, small, 0.06))
+    np.testing.assert_array_equal(denoised[2:], denoise_slices(model, large, 0.06))
+    assert not denoised[:2, 10:].any() and not denoised[:2, :, 12:].any()
+    padded = denoise_slices(model, stacked, 0.06)[:2, :10, :12]  # the padding reaches the small slices' borders
+    assert np.abs(padded - denoised[:2, :10, :12]).max() > 1e-3
