@@ -484,7 +484,9 @@ def tsnr_map(series):
     """Temporal SNR per voxel of a 4D series: mean over time / standard deviation over time."""
     mean = series.mean(axis=3)
     std = series.std(axis=3)
-    return np.where(std > 0, mean / np.maximum(std, 1e-12), 0.0)
+    # a voxel equal at every time point has a std of float32 rounding, not 0: no tSNR of 1e7 from it
+    varies = std > 1e-6 * np.abs(mean)
+    return np.where(varies, mean / np.maximum(std, 1e-12), 0.0)
 
 
 def foreground_mask(volume):

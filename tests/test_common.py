@@ -436,3 +436,11 @@ def test_slices_of_other_sizes_are_denoised_at_their_own_size_not_with_their_zer
     assert not denoised[:2, 10:].any() and not denoised[:2, :, 12:].any()
     padded = denoise_slices(model, stacked, 0.06)[:2, :10, :12]  # the padding reaches the small slices' borders
     assert np.abs(padded - denoised[:2, :10, :12]).max() > 1e-3
+
+
+def test_the_tsnr_of_voxels_that_never_change_is_0_not_float32_rounding():
+    from common import tsnr_map
+    series = np.repeat(np.random.default_rng(0).uniform(100, 1000, (6, 5, 4, 1)).astype(np.float32), 3, axis=3)
+    assert not tsnr_map(series).any()  # the mean of three equal float32 values is not always exactly them
+    series[..., 0] += 1.0
+    assert (tsnr_map(series) > 0).all() and tsnr_map(series).max() < 1e4
