@@ -758,8 +758,9 @@ def undo_orientation(slices, turns, flip):
     return np.rot90(unflipped, -turns, axes=(1, 2)).copy()
 
 
-def plot_denoising_grid(noisy, denoised, clean, masks, title):
-    """A figure with one row per slice: noisy | denoised | clean, with in-mask PSNR on each."""
+def plot_denoising_grid(noisy, denoised, clean, masks, title, row_labels=None):
+    """A figure with one row per slice: noisy | denoised | clean, with in-mask PSNR on each; row_labels name the
+    slices (scan and position) at the left."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -772,6 +773,8 @@ def plot_denoising_grid(noisy, denoised, clean, masks, title):
             axis.imshow(np.asarray(image).T, cmap="gray", vmin=0, vmax=1, origin="lower")
             axis.set_xticks([])
             axis.set_yticks([])
+            if column == 0 and row_labels is not None:
+                axis.set_ylabel(row_labels[row], fontsize=8)
             if column < 2:
                 inside_clean, inside_image = clean[row][masks[row]], image[masks[row]]
                 if not masks[row].any():

@@ -145,10 +145,19 @@ def evaluate_on_test_split(model, metadata, bfloat16):
                "precision": "bfloat16" if bfloat16 else "float32", "seconds_per_slice": seconds_per_slice,
                "noisy": summarise_metrics(noisy_metrics), "denoised": summarise_metrics(denoised_metrics)}
     paths = [save_json(results, outputs["metrics"])]
+    # spread over the slice positions (the next time point of a position is nearly the same image); with fewer
+    # positions than rows, other noisy images of them fill the rest
+    positions = np.stack([test["scan_index"], test["slice_index"]], axis=1)
+    firsts = np.sort(np.unique(positions, axis=0, return_index=True)[1])
+    scan_names = [os.path.basename(path) for path in dataset_settings["input_paths"]]
     for n_rows, n_columns in ((2, 3), (5, 3)):
-        rows = np.linspace(0, len(denoised) - 1, n_rows).astype(int)
+        if len(firsts) >= n_rows:
+            rows = firsts[np.linspace(0, len(firsts) - 1, n_rows).astype(int)]
+        else:
+            rows = np.concatenate([firsts, np.setdiff1d(np.arange(len(denoised)), firsts)])[:n_rows]
+        labels = [f"{scan_names[test['scan_index'][row]]}, slice {test['slice_index'][row]}" for row in rows]
         figure = plot_denoising_grid(test["noisy"][rows], denoised[rows], test["clean"][rows], test["mask"][rows],
-                                     f"{name}: test slices")
+                                     f"{name}: test slices", labels)
         paths.append(save_figure(figure, outputs[(n_rows, n_columns)]))
     for kind in ("noisy", "denoised"):
         m = results[kind]

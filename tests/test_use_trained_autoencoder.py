@@ -837,3 +837,26 @@ def test_the_noise_sigma_is_estimated_on_the_tool_scale_for_gaussian_and_magnitu
     low, high = np.percentile(noisy, [1, 99])
     assert estimated == pytest.approx(sigma / (high - low), rel=0.2)
     assert ("a magnitude image" in result.stdout) == noise.startswith("rician")
+
+
+def test_the_evaluation_grids_show_each_slice_position_once_and_name_it(trained, tmp_path, monkeypatch):
+    import matplotlib.figure
+    import use_trained_autoencoder
+    from conftest import run_in_process
+    model, dataset = trained
+    grids = []
+
+    def record(noisy, denoised, clean, masks, title, row_labels):
+        grids.append((noisy, row_labels))
+        return matplotlib.figure.Figure()
+    monkeypatch.setattr(use_trained_autoencoder, "plot_denoising_grid", record)
+    run_in_process(use_trained_autoencoder, f"--model={model}", f"--dataset_path={dataset}",
+                   f"--examples_dir={tmp_path}")
+    with np.load(dataset) as archive:
+        n_positions = len(set(archive["slice_index"][archive["split"] == "test"].tolist()))
+    assert [len(labels) for _, labels in grids] == [2, 5]
+    for noisy, labels in grids:
+        n_distinct = min(len(labels), n_positions)
+        assert len(set(labels[:n_distinct])) == n_distinct
+        assert all(label.startswith("tiny.nii.gz, slice ") for label in labels)
+        assert len({row.tobytes() for row in noisy}) == len(noisy)  # no image twice
