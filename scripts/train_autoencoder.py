@@ -192,6 +192,14 @@ def setup_distributed():
     return dist.get_rank(), world_size, device
 
 
+def leave_process_group():
+    """All processes leave together, after rank 0 has written the outputs: a process that tore down its gloo
+    connections while rank 0 was still at work aborted once in a test run ("terminate called without an active
+    exception", a known race in gloo's teardown)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def sample_rng(epoch, index):
     """The random stream of one training image in one epoch: the same in every process and after a resume."""
     return np.random.default_rng([seed, epoch, index])
@@ -599,7 +607,7 @@ def main():
         stop_and_say_how_to_resume(last_state, resume_path, rank)
     seconds = time.perf_counter() - started
     if rank != 0:
-        dist.destroy_process_group()
+        leave_process_group()
         return
 
     metadata = {
@@ -634,7 +642,7 @@ def main():
     print(f"trained in {seconds:.0f} s; final validation MSE {history['val_mse'][-1]:.3e}")
     print(f"model written to {model_path}\nloss plot written to {plot_path}\nexamples written to {grid_path}")
     if world_size > 1:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":
