@@ -103,7 +103,7 @@ def test_recorrupted_or_clean_training_on_a_series_without_added_noise_is_refuse
     assert "needs the noise sigma" in result.stderr.strip().splitlines()[-1]
     # its clean images are its noisy ones: a supervised network would learn to change nothing
     result = run_script("train_autoencoder", f"--dataset_path={tmp_path / 'real.npz'}", f"--models_dir={tmp_path}",
-                        "--batch_size=4", check=False)
+                        f"--plots_dir={tmp_path}", f"--examples_dir={tmp_path}", "--batch_size=4", check=False)
     assert result.returncode != 0
     assert "training_target=clean would learn to change nothing" in result.stderr.strip().splitlines()[-1]
     assert not list(tmp_path.glob("*.pt"))
