@@ -267,7 +267,9 @@ def check_settings():
         if not name.startswith("test_split:"):
             scan_volumes(name)
     for name in tsnr_scans:
-        real_series_slices(name)
+        path, series = scan_volumes(name)
+        if series.ndim != 4 or series.shape[3] < 3:
+            raise InputError(f"{path}: tsnr_scans need a 4D series of 3 or more volumes, this has shape {series.shape}")
     for model_noise in [noise_model] if noise_model else ["gaussian", "rician"]:  # the dataset's is read later
         for path in output_paths(run_tag(model_noise)).values():
             check_output_path(path)
@@ -298,9 +300,7 @@ def ood_clean_slices(name, bundled_test, min_foreground_fraction):
 def real_series_slices(name):
     """A real 4D series (no synthetic noise), normalised: its slices (z * t, X, Y), its shape, head mask and
     normalisation range."""
-    path, series = scan_volumes(name)
-    if series.ndim != 4 or series.shape[3] < 3:
-        raise InputError(f"{path}: tsnr_scans need a 4D series of 3 or more volumes, this has shape {series.shape}")
+    _, series = scan_volumes(name)  # a 4D series of 3 or more volumes (check_settings)
     low, high = percentile_range(series)
     series = normalise(series, low, high)  # clipping would flatten the brightest voxels' time course
     slices = np.moveaxis(series, (2, 3), (0, 1)).reshape(-1, *series.shape[:2])

@@ -109,15 +109,22 @@ def test_evaluation_warns_of_noise_outside_what_the_network_was_trained_for(trai
     assert f"holds noise of sigma 0.2, outside what {model.name} was trained for (0.06-0.06)" in result.stdout
 
 
-def test_the_default_files_are_found_from_any_folder(tmp_path, monkeypatch):
+def test_the_default_dataset_is_found_from_any_folder(trained, tmp_path, monkeypatch):
+    """A relative --dataset_path that is not in the current folder is looked up in the repo, as the model is."""
+    import shutil
+
     import use_trained_autoencoder
-    monkeypatch.setattr(use_trained_autoencoder, "REPO", str(tmp_path / "repo"))
+    from conftest import run_in_process
+    model, dataset = trained
     (tmp_path / "repo" / "data").mkdir(parents=True)
-    (tmp_path / "repo" / "data" / "mri_denoising.npz").write_bytes(b"")
-    monkeypatch.chdir(tmp_path)
-    assert use_trained_autoencoder.repo_file("data/mri_denoising.npz") == str(tmp_path / "repo" / "data" /
-                                                                              "mri_denoising.npz")
-    assert use_trained_autoencoder.repo_file("data/missing.npz") == "data/missing.npz"  # its error names it as given
+    shutil.copy(dataset, tmp_path / "repo" / "data" / "mri_denoising.npz")
+    monkeypatch.setattr(use_trained_autoencoder, "REPO", str(tmp_path / "repo"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_in_process(use_trained_autoencoder, f"--model={model}", "--dataset_path=data/mri_denoising.npz",
+                   f"--examples_dir={tmp_path / 'out'}")
+    metrics = json.loads((tmp_path / "out" / f"metrics_{model.stem}.json").read_text())
+    assert metrics["dataset"] == str(tmp_path / "repo" / "data" / "mri_denoising.npz")
 
 
 def test_evaluation_in_float32_and_bfloat16_agree(trained, tmp_path):
